@@ -1,0 +1,191 @@
+import math
+
+import pytest
+import torch
+
+from vqgen.checkpoint import CheckpointError
+from vqgen.config import ConfigError, ModelConfig
+from vqgen.model import SIZES, Transformer, TransformerConfig, apply_rope, rope_tables
+
+V, GRID, TEXT_DIM = 50, (4, 4), 16
+
+
+def small_model(kv_heads: int = 4, **overrides) -> Transformer:
+    """A small model with every weight random (the zero-initialised head would hide bugs)."""
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(size="tiny", dim=64, depth=2, heads=4, kv_heads=kv_heads, **overrides)
+    model = Transformer(TransformerConfig.from_model_config(model_cfg, V, GRID, TEXT_DIM))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.3)
+    return model.eval()
+
+
+def batch(b: int = 3, length: int = 5):
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, V, (b, GRID[0] * GRID[1]), generator=g)
+    text = torch.randn(b, length, TEXT_DIM, generator=g)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    mask[0, 3:] = False  # padding
+    return codes, text, mask
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_causality(kv_heads):
+    model = small_model(kv_heads)
+    codes, text, mask = batch()
+    logits = model(codes, text, mask)
+    for t in (0, 5, 14):
+        changed = codes.clone()
+        changed[:, t] = (changed[:, t] + 1) % V
+        other = model(changed, text, mask)
+        torch.testing.assert_close(other[:, : t + 1], logits[:, : t + 1])  # position t predicts code t
+        assert not torch.allclose(other[:, t + 1], logits[:, t + 1])
+
+
+def test_text_padding_does_not_change_logits():
+    model = small_model()
+    codes, text, mask = batch()
+    logits = model(codes, text, mask)
+    padded_text = torch.cat([text, torch.randn(3, 4, TEXT_DIM)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(model(codes, padded_text, padded_mask), logits)
+    # the padded tokens of row 0 are ignored, its real ones are not
+    text2 = text.clone()
+    text2[0, 3:] += 5
+    torch.testing.assert_close(model(codes, text2, mask), logits)
+    text2[0, 0] += 5
+    assert not torch.allclose(model(codes, text2, mask)[0], logits[0])
+
+
+def test_dropped_and_empty_captions_ignore_the_text():
+    model = small_model()
+    codes, text, mask = batch()
+    drop = torch.tensor([True, False, True])
+    a = model(codes, text, mask, drop_cond=drop)
+    b = model(codes, torch.randn_like(text), mask, drop_cond=drop)
+    torch.testing.assert_close(a[drop], b[drop])
+    assert not torch.allclose(a[1], b[1])
+    empty = model(codes, text, torch.zeros_like(mask))  # all-False mask: the null conditioning, no NaN
+    assert torch.isfinite(empty).all()
+    torch.testing.assert_close(empty[drop], a[drop])
+
+
+def test_caption_dropout_draws_from_the_torch_rng():
+    model = small_model(cond_dropout=0.5).train()
+    codes, text, mask = batch(8)
+    torch.manual_seed(7)
+    logits = model(codes, text, mask)
+    torch.manual_seed(7)
+    drop = torch.rand(8) < 0.5
+    assert 0 < drop.sum() < 8
+    torch.testing.assert_close(model(codes, text, mask, drop_cond=drop), logits)
+    model.eval()  # no dropping in eval mode
+    torch.testing.assert_close(model(codes, text, mask), model(codes, text, mask, drop_cond=torch.zeros(8, dtype=torch.bool)))
+
+
+def test_initial_predictions_are_uniform():
+    model = Transformer(TransformerConfig(vocab_size=V, grid=GRID, text_dim=TEXT_DIM, dim=64, depth=2, heads=4, kv_heads=4))
+    codes, text, mask = batch()
+    logits = model(codes, text, mask)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.flatten())
+    assert loss.item() == pytest.approx(math.log(V), abs=1e-6)
+
+
+def test_rotary_is_two_dimensional():
+    """Scores depend on the (row, column) offset between query and key, not the raster offset."""
+    w = 8
+    cos, sin = rope_tables((8, w), head_dim=16)
+    q, k = torch.randn(2, 1, 1, 1, 16).unbind(0)
+
+    def score(i: int, j: int) -> float:
+        qi = apply_rope(q, cos[i : i + 1], sin[i : i + 1])
+        kj = apply_rope(k, cos[j : j + 1], sin[j : j + 1])
+        return (qi * kj).sum().item()
+
+    cell = lambda r, c: r * w + c  # noqa: E731
+    # the same 2-D offset (+1 row, +2 cols) anywhere on the grid gives the same score
+    assert score(cell(1, 2), cell(0, 0)) == pytest.approx(score(cell(5, 6), cell(4, 4)), abs=1e-5)
+    assert score(cell(3, 0), cell(3, 5)) == pytest.approx(score(cell(6, 1), cell(6, 6)), abs=1e-5)
+    # the same raster offset (5) across a row break is a different 2-D offset: a different score
+    assert score(cell(0, 6), cell(0, 1)) != pytest.approx(score(cell(1, 3), cell(0, 6)), abs=1e-3)
+
+
+LLAMAGEN = {"B": 110_888_448, "L": 342_910_976, "XL": 774_699_520}  # GPT-B/L/XL, 16,384 codes
+
+
+@pytest.mark.parametrize("size", ["B", "L", "XL"])
+def test_sizes_match_llamagen_parameter_counts(size):
+    cfg = TransformerConfig.from_model_config(ModelConfig(size=size), 16384, (16, 16), 384)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert (cfg.dim, cfg.depth, cfg.heads) == (SIZES[size]["dim"], SIZES[size]["depth"], SIZES[size]["heads"])
+    assert abs(model.num_params() / LLAMAGEN[size] - 1) < 0.03
+
+
+def test_tiny_size():
+    cfg = TransformerConfig.from_model_config(ModelConfig(size="tiny"), 1000, (8, 8), 384)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert (cfg.dim, cfg.depth) == (256, 4)
+    assert 2e6 < model.num_params() < 5e6
+
+
+def test_config_resolution_and_errors():
+    cfg = TransformerConfig.from_model_config(ModelConfig(size="B", depth=2, heads=6, mlp_ratio=2.0), 100, (8, 8), 32)
+    assert (cfg.dim, cfg.depth, cfg.heads, cfg.kv_heads, cfg.mlp_hidden) == (768, 2, 6, 6, 1536)
+    with pytest.raises(ConfigError, match=r"'model.size' is 'huge'; choose one of \['tiny', 'B', 'L', 'XL'\]"):
+        TransformerConfig.from_model_config(ModelConfig(size="huge"), 100, (8, 8), 32)
+    with pytest.raises(ConfigError, match=r"heads \(4\) must be a multiple of kv_heads \(3\)"):
+        TransformerConfig.from_model_config(ModelConfig(size="tiny", kv_heads=3), 100, (8, 8), 32)
+
+
+def test_bad_inputs_name_the_problem():
+    model = small_model()
+    codes, text, mask = batch()
+    with pytest.raises(ValueError, match=r"text embeddings must have shape \[B, L, 16\], got \(3, 5, 8\)"):
+        model(codes, text[..., :8], mask)
+    with pytest.raises(ValueError, match=r"text_mask must be a bool tensor of shape \(3, 5\)"):
+        model(codes, text, mask.long())
+    with pytest.raises(ValueError, match=r"N <= 16 \(4x4 grid\), got \(3, 17\)"):
+        model(torch.cat([codes, codes[:, :1]], 1), text, mask)
+
+
+def test_param_groups_exclude_norms_biases_and_embeddings():
+    model = small_model()
+    decay, no_decay = model.param_groups(0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(kept) and decayed | kept == set(names.values())
+    assert {"tok_emb.weight", "bos", "null", "text_proj.bias", "norm.weight", "blocks.0.norm1.weight"} <= kept
+    assert {"head.weight", "text_proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.down.weight"} <= decayed
+
+
+def test_save_load_round_trip(tmp_path):
+    model = small_model(kv_heads=2)
+    codes, text, mask = batch()
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "ckpt", extra_config={"run": {"name": "x"}}, ema_state=ema)
+    loaded = Transformer.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.cfg == model.cfg
+    torch.testing.assert_close(loaded(codes, text, mask), model(codes, text, mask), rtol=0, atol=0)
+    loaded_ema = Transformer.from_pretrained(tmp_path / "ckpt", ema=True)
+    torch.testing.assert_close(loaded_ema.head.weight, model.head.weight + 1)
+
+
+def test_mismatched_checkpoints_and_tokenizers_fail_clearly(tmp_path):
+    model = small_model()
+    model.check_compatible(V, GRID)
+    with pytest.raises(ConfigError, match=r"expects codebook size 50 on a 4x4 grid, but the tokenizer has codebook size 1000 on a 4x4"):
+        model.check_compatible(1000, (4, 4))
+    with pytest.raises(ConfigError, match=r"codebook size 50 on a 8x8 grid"):
+        model.check_compatible(50, (8, 8))
+    other = Transformer(TransformerConfig(vocab_size=V + 1, grid=GRID, text_dim=TEXT_DIM, dim=64, depth=2, heads=4, kv_heads=4))
+    other.save_pretrained(tmp_path / "other")
+    weights = tmp_path / "other" / "model.safetensors"
+    model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(weights.read_bytes())
+    with pytest.raises(CheckpointError, match=r"tok_emb.weight: checkpoint \(51, 64\) vs model \(50, 64\)"):
+        Transformer.from_pretrained(tmp_path / "ckpt")

@@ -1,0 +1,193 @@
+import pytest
+import torch
+
+from vqgen.config import ModelConfig, SamplingConfig
+from vqgen.model import Transformer, TransformerConfig
+from vqgen.sampling import (
+    draw_uniforms,
+    generate,
+    guidance_scales,
+    inverse_cdf,
+    make_caches,
+    sample_logits,
+    sampling_options,
+    top_p_mask,
+)
+
+V, GRID, TEXT_DIM = 40, (3, 4), 16
+N = GRID[0] * GRID[1]
+
+
+def small_model(kv_heads: int = 4) -> Transformer:
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(size="tiny", dim=64, depth=2, heads=4, kv_heads=kv_heads)
+    model = Transformer(TransformerConfig.from_model_config(model_cfg, V, GRID, TEXT_DIM))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.3)  # random everywhere: a zero head would make every test pass
+    return model.eval()
+
+
+def prompts(p: int = 3, length: int = 5):
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(p, length, TEXT_DIM, generator=g)
+    mask = torch.ones(p, length, dtype=torch.bool)
+    mask[0, 2:] = False  # padding
+    mask[-1] = False  # an empty caption
+    return text, mask
+
+
+@torch.no_grad()
+def reference_sample(model, text, mask, seeds, cfg_scale=1.0, greedy=False):
+    """The plainest possible sampler: full forward passes, guidance mixed by hand."""
+    u = draw_uniforms(seeds, N)
+    codes = torch.zeros(len(seeds), N, dtype=torch.long)
+    for t in range(N):
+        cond = model(codes, text, mask)[:, t]
+        uncond = model(codes, text, torch.zeros_like(mask))[:, t]
+        logits = torch.lerp(uncond, cond, cfg_scale) if cfg_scale != 1 else cond
+        codes[:, t] = logits.argmax(-1) if greedy else inverse_cdf(logits.softmax(-1), u[:, t])
+    return codes.view(-1, *GRID)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("static", [False, True], ids=["filled-prefix", "static-masked"])
+def test_cached_steps_match_the_full_forward(kv_heads, static):
+    model = small_model(kv_heads)
+    text, mask = prompts()
+    codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(codes, text, mask)  # [B, N, V]
+        caches = make_caches(model, model.context(text, mask))
+        x = model.inputs(codes)
+        for t in range(N):
+            pos = torch.tensor([t]) if static else t
+            step = model.head(model.run(x[:, t : t + 1], pos, None, caches))  # [B, 1, V]
+            torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["filled-prefix", "static-masked"])
+def test_cached_prefill_of_a_prefix_matches_the_full_forward(static):
+    model = small_model(kv_heads=2)
+    text, mask = prompts()
+    codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(codes, text, mask)
+        caches = make_caches(model, model.context(text, mask))
+        x = model.inputs(codes)
+        first = model.head(model.run(x[:, :5], torch.arange(5) if static else 0, None, caches))
+        rest = model.head(model.run(x[:, 5:7], torch.arange(5, 7) if static else 5, None, caches))
+    torch.testing.assert_close(torch.cat([first, rest], 1), full[:, :7], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_generate_matches_a_reference_sampler(cfg_scale):
+    model = small_model(kv_heads=2)
+    text, mask = prompts()
+    seeds = torch.tensor([5, 6, 7])
+    expected = reference_sample(model, text, mask, seeds, cfg_scale)
+    torch.testing.assert_close(generate(model, text, mask, cfg_scale=cfg_scale, seeds=seeds), expected, rtol=0, atol=0)
+
+
+def test_guidance_scale_one_equals_conditional_only():
+    model = small_model()
+    text, mask = prompts()
+    cond_only = generate(model, text, mask, cfg_scale=1.0, seeds=3)  # one stream
+    doubled = generate(model, text, mask, cfg_scale=1.0, cfg_schedule="linear", seeds=3)  # two streams, scale 1
+    guided = generate(model, text, mask, cfg_scale=4.0, seeds=3)
+    assert torch.equal(cond_only, doubled)
+    assert not torch.equal(cond_only, guided)
+
+
+def test_top_k_one_is_greedy():
+    model = small_model()
+    text, mask = prompts()
+    expected = reference_sample(model, text, mask, torch.tensor([0, 1, 2]), cfg_scale=2.0, greedy=True)
+    for seeds in (0, 100):
+        torch.testing.assert_close(generate(model, text, mask, cfg_scale=2.0, top_k=1, seeds=seeds), expected, rtol=0, atol=0)
+
+
+def test_seeds_make_generation_reproducible():
+    model = small_model()
+    text, mask = prompts()
+    a = generate(model, text, mask, num_images=2, seeds=11, temperature=1.5)
+    assert torch.equal(a, generate(model, text, mask, num_images=2, seeds=11, temperature=1.5))
+    assert not torch.equal(a, generate(model, text, mask, num_images=2, seeds=12, temperature=1.5))
+    explicit = torch.tensor([11, 12, 11, 12, 11, 12])  # image i of every prompt: seed + i
+    assert torch.equal(a, generate(model, text, mask, num_images=2, seeds=explicit, temperature=1.5))
+
+
+def test_batched_prompts_equal_prompts_one_by_one():
+    model = small_model(kv_heads=2)
+    text, mask = prompts()
+    opts = dict(num_images=2, cfg_scale=2.5, top_k=20, top_p=0.9, temperature=0.9, seeds=4)
+    batched = generate(model, text, mask, **opts)
+    alone = torch.cat([generate(model, text[i : i + 1], mask[i : i + 1], **opts) for i in range(3)])
+    assert batched.shape == (6, *GRID)
+    assert torch.equal(batched, alone)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(top_k=10, temperature=0.7), dict(top_p=0.8, cfg_schedule="linear")])
+def test_cached_and_uncached_samplers_agree(opts):
+    model = small_model(kv_heads=2)
+    text, mask = prompts()
+    cached = generate(model, text, mask, num_images=2, cfg_scale=2.0, seeds=9, **opts)
+    uncached = generate(model, text, mask, num_images=2, cfg_scale=2.0, seeds=9, use_cache=False, **opts)
+    assert torch.equal(cached, uncached)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.10, 0.50, 0.15, 0.25]])
+    logits = probs.log()
+    u = (torch.arange(1800) + 0.5) / 1800  # a fine grid of uniforms between the boundaries, one per row
+    rows = logits.expand(len(u), -1)
+
+    def counts(**opts):
+        return torch.bincount(sample_logits(rows, u, **opts), minlength=4).tolist()
+
+    # 0.50 + 0.25 = 0.75 >= 0.7: tokens 1 and 3, renormalised to 2/3 and 1/3
+    assert counts(top_p=0.7) == [0, 1200, 0, 600]
+    assert counts(top_p=0.4) == [0, 1800, 0, 0]  # the top token alone already reaches 0.4
+    assert counts(top_p=0.8) == [0, 1000, 300, 500]  # 0.75 < 0.8: token 2 joins, (0.5, 0.15, 0.25) / 0.9
+    assert counts(top_k=2) == counts(top_p=0.7)
+    assert counts() == [180, 900, 270, 450]  # no filtering: the distribution itself
+    sorted_probs = torch.tensor([[0.5, 0.25, 0.15, 0.10]])
+    assert top_p_mask(sorted_probs, 0.7).tolist() == [[True, True, False, False]]
+
+
+def test_inverse_cdf_never_picks_zero_mass():
+    probs = torch.tensor([[0.0, 2.0, 0.0, 0.0, 2.0, 0.0]])  # unnormalised rows are fine
+    u = torch.tensor([0.0, 0.4999, 0.5, 0.9999999])
+    assert inverse_cdf(probs.expand(4, -1), u).tolist() == [1, 1, 4, 4]
+
+
+def test_guidance_schedules_and_argument_errors():
+    assert guidance_scales(3.0, "constant", 4).tolist() == [3.0] * 4
+    assert guidance_scales(3.0, "linear", 5).tolist() == [1.0, 1.5, 2.0, 2.5, 3.0]
+    with pytest.raises(ValueError, match=r"unknown guidance schedule 'cosine'; choose one of \['constant', 'linear'\]"):
+        guidance_scales(3.0, "cosine", 4)
+    model = small_model()
+    text, mask = prompts()
+    with pytest.raises(ValueError, match=r"seeds must be an int or a tensor of shape \[6\] \(prompts x num_images\), got \(3,\)"):
+        generate(model, text, mask, num_images=2, seeds=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"temperature must be > 0, got 0; for greedy decoding use top_k=1"):
+        generate(model, text, mask, temperature=0)
+    with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\], got 1.5"):
+        generate(model, text, mask, top_p=1.5)
+
+
+def test_generate_leaves_training_mode_and_reads_the_config():
+    model = small_model().train()
+    text, mask = prompts()
+    opts = sampling_options(SamplingConfig(cfg_scale=2.0, num_images=2, seed=3, top_k=5))
+    codes = generate(model, text, mask, **opts)
+    assert model.training
+    assert torch.equal(codes, generate(model.eval(), text, mask, num_images=2, cfg_scale=2.0, seeds=3, top_k=5))
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager():
+    model = small_model(kv_heads=2)
+    text, mask = prompts()
+    eager = generate(model, text, mask, cfg_scale=2.0, top_k=10, seeds=1)
+    assert torch.equal(generate(model, text, mask, cfg_scale=2.0, top_k=10, seeds=1, compile=True), eager)

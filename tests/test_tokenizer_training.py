@@ -1,0 +1,175 @@
+"""Tokenizer training through the shared loop, held-out evaluation, and the eval CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqgen.config import TokenizerConfig, load_config
+from vqgen.data.shapes import ShapesDataset
+from vqgen.eval.__main__ import main as eval_main
+from vqgen.eval.tokenizer import evaluate_tokenizer
+from vqgen.tokenizer import VQTokenizer
+from vqgen.train.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SHAPES = [
+    "tokenizer.channels=8",
+    "tokenizer.channel_mult=[1, 1, 2]",
+    "training.tokenizer.batch_size=8",
+    "training.tokenizer.warmup_steps=2",
+    "training.tokenizer.lr=3e-3",
+    "training.tokenizer.log_every=2",
+    "training.tokenizer.checkpoint_every=100",
+    "training.tokenizer.mixed_precision='no'",  # fp32: this suite runs on CPUs without native bf16
+]
+
+
+def test_train_tokenizer_on_shapes_exports_a_loadable_tokenizer(tmp_path):
+    cfg = load_config(None, [*TINY_SHAPES, "training.tokenizer.steps=6", "training.tokenizer.ema_decay=0.9"])
+    metrics = train_tokenizer(cfg, tmp_path, eval_num=16)
+    assert metrics["step"] == 6 and math.isfinite(metrics["loss"])
+    assert {"psnr", "usage", "l1", "eval_psnr", "eval_usage", "eval_perplexity", "eval_exact"} <= metrics.keys()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["num_images"] == 16 and report["psnr"] == metrics["eval_psnr"]
+    assert (tmp_path / "samples" / "reconstructions_00000006.png").is_file()
+    tokenizer = VQTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.grid == (8, 8) and tokenizer.codebook_size == 1000
+
+
+def make_image_folder(root: Path, n: int = 8, size: int = 48) -> Path:
+    """Smooth random colour fields with captions: natural-image-like, learnable in a few steps."""
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        a, b, c = rng.uniform(0, 1, (3, 3, 1, 1))
+        pixels = np.stack([np.sin(2 * a[k] * xx + 2 * b[k] * yy + 6 * c[k]) for k in range(3)], -1)
+        Image.fromarray(((pixels + 1) * 127.5).astype(np.uint8)).save(root / f"{i:03d}.png")
+        (root / f"{i:03d}.txt").write_text(f"colour field {i}")
+    return root
+
+
+def test_natural_config_trains_on_an_image_folder_and_improves(tmp_path):
+    folder = make_image_folder(tmp_path / "images", n=4)
+    overrides = [
+        f"data.path={folder}",
+        "data.resolution=32",
+        "data.num_workers=0",
+        "tokenizer.channels=8",
+        "tokenizer.num_res_blocks=1",
+        "tokenizer.latent_dim=16",
+        "tokenizer.codebook_size=256",
+        "tokenizer.gan_start_step=24",  # the discriminator joins for the last steps
+        "training.tokenizer.steps=30",
+        "training.tokenizer.batch_size=4",
+        "training.tokenizer.lr=5e-3",
+        "training.tokenizer.warmup_steps=3",
+        "training.tokenizer.log_every=1",
+        "training.tokenizer.sample_every=0",
+        "training.tokenizer.report_to=none",
+        "training.tokenizer.ema_decay=0",
+        "training.tokenizer.mixed_precision='no'",
+    ]
+    cfg = load_config(ROOT / "configs" / "natural_f8_vq.yaml", overrides)
+    assert (cfg.tokenizer.encoder, cfg.tokenizer.downsample, cfg.tokenizer.quantizer) == ("conv", 8, "vq")
+    metrics = train_tokenizer(cfg, tmp_path / "run", eval_num=8)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    first, last = log[:3], log[21:24]  # 3-step means, before the discriminator joins
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    assert mean(last, "l1") < 0.8 * mean(first, "l1") and mean(last, "psnr") > mean(first, "psnr") + 1.5
+    assert all(math.isfinite(r["loss"]) and r["d_weight"] > 0 for r in log[24:])
+    assert "d_loss" in log[-1] and "eval_exact" not in metrics  # no scene checker on real images
+    assert VQTokenizer.from_pretrained(tmp_path / "run").grid == (4, 4)
+
+
+def test_evaluate_tokenizer_metrics_match_hand_computation():
+    torch.manual_seed(0)
+    tokenizer = VQTokenizer(TokenizerConfig(channels=8, channel_mult=[1, 1, 2]), 32).eval()
+    dataset = ShapesDataset(12, seed=5)
+    report = evaluate_tokenizer(tokenizer, dataset, batch_size=5)
+    x = torch.stack([dataset[i]["image"] for i in range(12)])
+    codes = tokenizer.encode(x)
+    mse = ((tokenizer.decode(codes) - x) ** 2).mean(dim=(1, 2, 3))
+    counts = torch.bincount(codes.flatten(), minlength=1000).double()
+    p = counts[counts > 0] / counts.sum()
+    assert report["num_images"] == 12
+    assert report["psnr"] == pytest.approx((10 * torch.log10(4 / mse)).mean().item(), rel=1e-5)
+    assert report["usage"] == codes.unique().numel() / 1000
+    assert report["dead_codes"] == 1000 - codes.unique().numel()
+    assert report["perplexity"] == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+    assert report["background_codes"] == 1  # patch-local: a flat background patch has one code
+    assert 0 <= report["exact"] <= 1 and {"scene_shape", "scene_colour", "scene_size", "scene_position"} <= report.keys()
+
+
+def test_eval_cli_prints_and_writes_json(tmp_path, capsys):
+    torch.manual_seed(0)
+    VQTokenizer(TokenizerConfig(channels=8, channel_mult=[1, 1, 2]), 32).save_pretrained(tmp_path / "tok")
+    out = tmp_path / "metrics.json"
+    assert eval_main(["tokenizer", "--checkpoint", str(tmp_path / "tok"), "--num", "8", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["num_images"] == 8 and {"psnr", "usage", "perplexity", "exact", "background_codes"} <= report.keys()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_vq_training_keeps_codebooks_in_sync(tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` (gloo on CPU): k-means init and EMA updates are all-reduced,
+    so both ranks end with the same codebook (and nothing hangs)."""
+    script = tmp_path / "train_vq.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from pathlib import Path
+            import torch
+            from accelerate import PartialState
+            from vqgen.config import load_config
+            from vqgen.train.tokenizer import train_tokenizer, build_task
+            from vqgen.train import tokenizer as module
+
+            out, overrides = Path(sys.argv[1]), sys.argv[2:]
+            built = {}
+            def keep(cfg):
+                built["task"] = task = build_task(cfg)
+                return task
+            module.build_task = keep
+            metrics = train_tokenizer(load_config(None, overrides), out, eval_num=8)
+            state = PartialState()
+            assert state.num_processes == 2, state
+            rank = state.process_index
+            torch.save(built["task"].model.tokenizer.quantizer.codebook.clone(), out / f"codebook_{rank}.pt")
+            """
+        )
+    )
+    overrides = [*TINY_SHAPES, "tokenizer.quantizer=vq", "tokenizer.codebook_size=16", "training.tokenizer.steps=3"]
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+        "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(script), str(tmp_path / "run"), *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    c0, c1 = torch.load(run / "codebook_0.pt"), torch.load(run / "codebook_1.pt")
+    assert torch.equal(c0, c1)
+    assert VQTokenizer.from_pretrained(run).codebook_size == 16
+    assert json.loads((run / "report.json").read_text())["num_images"] == 8

@@ -1,0 +1,101 @@
+"""The shared training loop: exact resume, NaN policy, checkpoints, multi-process equivalence."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from toy_task import toy_dataset, train_toy
+from vqgen.checkpoint import load_weights
+from vqgen.train.loop import IndexedBatches, TrainingError, latest_checkpoint, lr_at
+from vqgen.config import TrainConfig
+
+HERE = Path(__file__).parent
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_weights(run / "model.safetensors")
+
+
+def test_resume_after_sigterm_is_bit_exact(tmp_path):
+    base = {"steps": 12, "batch_size": 16, "ema_decay": 0.9}
+    straight = train_toy(tmp_path / "straight", base)
+
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 6"):
+        train_toy(tmp_path / "resumed", base, kill_step=5)  # SIGTERM during step 5 -> checkpoint at 6
+    assert latest_checkpoint(tmp_path / "resumed").name == "step_00000006"
+    resumed = train_toy(tmp_path / "resumed", base)
+
+    assert resumed["step"] == straight["step"] == 12
+    assert resumed["loss"] == straight["loss"]
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = load_weights(latest_checkpoint(tmp_path / "straight") / "ema.safetensors")
+    ema_b = load_weights(latest_checkpoint(tmp_path / "resumed") / "ema.safetensors")
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    # the exported weights are the EMA ones, not the raw ones the checkpoint resumes from
+    raw = load_weights(latest_checkpoint(tmp_path / "straight") / "model.safetensors")
+    assert not torch.equal(raw["net.0.weight"], ema_a["net.0.weight"])
+    assert torch.equal(a["net.0.weight"], ema_a["net.0.weight"])
+
+
+def test_nan_loss_stops_with_step_or_is_skipped(tmp_path):
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 3 \(toy\).*on_nan=skip"):
+        train_toy(tmp_path / "stop", {"steps": 6, "batch_size": 8}, poison_step=3)
+    result = train_toy(tmp_path / "skip", {"steps": 6, "batch_size": 8, "on_nan": "skip"}, poison_step=3)
+    assert result["skipped_steps"] == 1 and result["step"] == 6
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "skip").values())
+
+
+def test_resume_refuses_a_checkpoint_of_another_kind(tmp_path):
+    train_toy(tmp_path / "run", {"steps": 2, "batch_size": 8})
+    state = latest_checkpoint(tmp_path / "run") / "trainer_state.json"
+    state.write_text(json.dumps({"kind": "tokenizer", "step": 2}))
+    with pytest.raises(TrainingError, match="is a 'tokenizer' checkpoint; this run trains a 'toy'"):
+        train_toy(tmp_path / "run", {"steps": 4, "batch_size": 8})
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    train_toy(tmp_path / "run", {"steps": 8, "batch_size": 8, "checkpoint_every": 2})
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step_00000006", "step_00000008"]
+
+
+def test_indexed_batches_split_ranks_without_overlap_and_cover_epochs():
+    data = list(range(10))
+    batches = IndexedBatches(data, batch_size=2, seed=1)
+    step0 = batches.indices(0, 0, 2) + batches.indices(0, 1, 2)
+    assert len(set(step0)) == 4
+    one_epoch = [j for i in range(5) for j in IndexedBatches(data, 2, seed=1).indices(i, 0, 1)]
+    assert sorted(one_epoch) == data  # an epoch is a permutation
+    assert batches.indices(3, 1, 2) == IndexedBatches(data, 2, seed=1).indices(3, 1, 2)  # pure
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(HERE / "toy_task.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "one"), "8", "16"], check=True, env=env, timeout=300,
+                   capture_output=True)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run(launch + [script, str(tmp_path / "two"), "8", "8"], env=env, timeout=300,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step_00000008"]

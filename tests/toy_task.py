@@ -1,0 +1,65 @@
+"""A small regression task for testing the shared training loop, also runnable as a script
+under ``accelerate launch`` (``python tests/toy_task.py OUT STEPS BATCH [key=value ...]``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vqgen.checkpoint import save_pretrained
+from vqgen.config import Config, TrainConfig, from_dict
+from vqgen.train.loop import IndexedBatches, Task, fit, setup_accelerator
+
+
+class Regression(nn.Module):
+    def __init__(self, dropout: float = 0.1, poison_step: int = -1, kill_step: int = -1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, 1))
+        self.poison_step = poison_step  # forward returns NaN at this step
+        self.kill_step = kill_step  # the process sends itself SIGTERM during this step
+
+    def forward(self, batch: dict, step: int):
+        pred = self.net(batch["x"]).squeeze(-1)
+        loss = (pred - batch["y"]).pow(2).mean()
+        if step == self.poison_step:
+            loss = loss * float("nan")
+        if step == self.kill_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss, {"tokens": batch["x"].shape[0], "mae": (pred - batch["y"]).abs().mean()}
+
+
+def toy_dataset(n: int = 256) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    y = torch.sin(x.sum(-1))
+    return [{"x": x[i], "y": y[i]} for i in range(n)]
+
+
+def train_toy(out_dir: Path, overrides: dict, **model_kwargs) -> dict:
+    cfg = from_dict(TrainConfig, {"warmup_steps": 2, "lr": 1e-2, "checkpoint_every": 1000, "log_every": 2,
+                                  "mixed_precision": "no", **overrides})
+    accelerator = setup_accelerator(cfg, out_dir)
+    model = Regression(**model_kwargs)
+    task = Task(
+        kind="toy",
+        model=model,
+        batches=IndexedBatches(toy_dataset(), cfg.batch_size, seed=cfg.seed),
+        export=lambda m, d: save_pretrained(d, "toy", {}, m.state_dict()),
+    )
+    return fit(accelerator, task, cfg, Config(name="toy"), out_dir)
+
+
+if __name__ == "__main__":
+    out, steps, batch, *rest = sys.argv[1:]
+    extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in rest)}
+    result = train_toy(Path(out), {"steps": int(steps), "batch_size": int(batch), **extra}, dropout=0.0)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        (Path(out) / "result.json").write_text(json.dumps(result))

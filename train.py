@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Train the tokenizer or the transformer, or run the end-to-end demo: see ``python train.py -h``."""
+
+import sys
+
+from vqgen.train.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

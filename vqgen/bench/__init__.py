@@ -1,0 +1,1 @@
+"""Side-by-side timing of the fast paths against baselines: ``python -m vqgen.bench``."""

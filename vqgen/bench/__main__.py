@@ -1,0 +1,73 @@
+"""Benchmarks: ``python -m vqgen.bench <command> ...``.
+
+    python -m vqgen.bench sampling --size tiny --batch 8 --tokens 256 --cfg 1.5 --dtype fp32 --json tiny.json
+        times the cached sampler, the full-recompute baseline and HF ``generate()`` on a GPT-2 twin
+
+Progress goes to stderr, the table to stdout, and ``--json`` writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from vqgen.bench.sampling import DTYPES, FULL_RECOMPUTE_PREFIX, BenchSpec, format_table, run_sampling_bench
+from vqgen.checkpoint import atomic_write_text
+from vqgen.model import SIZES
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", choices=list(SIZES), default="tiny", help="model size (default tiny)")
+    parser.add_argument("--batch", type=int, default=8, help="images per generation (default 8)")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per image, a square grid (default 256 = 16x16)")
+    parser.add_argument("--cfg", type=float, default=1.5, help="guidance scale; > 1 doubles the streams (default 1.5)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations, both sides")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write the results here as JSON")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations per contestant; median reported")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed generations per contestant first")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores available)")
+    parser.add_argument("--device", help="default cuda when available, else cpu")
+    parser.add_argument("--vocab", type=int, help="codebook size (default 1000 at tiny, 16384 otherwise)")
+    parser.add_argument("--text-len", type=int, default=16, help="caption tokens (default 16)")
+    parser.add_argument(
+        "--no-cache-tokens", type=int, metavar="N",
+        help=f"raster prefix for the full-recompute baseline (default: all tokens at tiny, {FULL_RECOMPUTE_PREFIX} above)",
+    )
+    parser.add_argument("--compile", action="store_true", help="also time vqgen with a torch.compile'd decode step")
+    parser.add_argument("--dim", type=int, help="override the size's width (e.g. micro models for tests)")
+    parser.add_argument("--depth", type=int, help="override the size's depth")
+    parser.add_argument("--heads", type=int, help="override the size's heads")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_sampling(args: argparse.Namespace) -> None:
+    fields = {f.name for f in dataclasses.fields(BenchSpec)}
+    spec = BenchSpec(**{k: v for k, v in vars(args).items() if k in fields})
+    result = run_sampling_bench(spec)
+    print(format_table(result))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+COMMANDS = {"sampling": ("cached sampler vs no cache vs HF generate()", add_sampling_arguments, run_sampling)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vqgen.bench", description="vqgen benchmarks")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (description, add_arguments, _) in COMMANDS.items():
+        add_arguments(subparsers.add_parser(name, help=description, description=description))
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command][2](args)
+    except ValueError as e:  # bad settings: one clear line, not a traceback
+        parser.exit(2, f"python -m vqgen.bench {args.command}: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Checkpoint directories: ``config.json`` + ``model.safetensors`` (+ ``ema.safetensors``).
+
+Every file is written to a temporary name and renamed into place, so a crash mid-write
+never leaves a half-written checkpoint behind. Loading never unpickles anything: weights are
+safetensors, configs are JSON, and a mismatch between the two names the offending keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, or made for a different model."""
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(Path(path), write)
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a state dict as safetensors, atomically (tensors made contiguous, ties broken)."""
+    flat = {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
+    atomic_write(Path(path), lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"cannot read {path}: {e}. The file is truncated or not a safetensors file; "
+            "re-copy it or pick an earlier checkpoint."
+        ) from e
+
+
+def save_pretrained(
+    directory: str | Path,
+    kind: str,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    ema_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``directory/{config.json, model.safetensors[, ema.safetensors]}``.
+
+    ``kind`` ("tokenizer", "transformer") is stored in the config so that loading a
+    checkpoint of the wrong kind fails with a clear message instead of a key mismatch.
+    """
+    directory = Path(directory)
+    save_weights(directory / "model.safetensors", state, {"kind": kind})
+    if ema_state is not None:
+        save_weights(directory / "ema.safetensors", ema_state, {"kind": kind})
+    # the config goes last: its presence marks a complete checkpoint
+    atomic_write_text(directory / "config.json", json.dumps({"kind": kind, **config}, indent=2) + "\n")
+    return directory
+
+
+def load_config_json(directory: str | Path, kind: str) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a complete checkpoint: config.json is missing")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"cannot parse {path}: {e}") from e
+    if config.get("kind") != kind:
+        raise CheckpointError(f"{directory} holds a {config.get('kind')!r} checkpoint, not a {kind!r} one")
+    config.pop("kind")
+    return config
+
+
+def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """``module.load_state_dict(state)`` with one error that names every mismatched key."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {source} does not fit this model:"]
+        if mismatched:
+            lines += ["  shape mismatch: " + m for m in mismatched[:20]]
+        if missing:
+            lines.append(f"  missing keys: {', '.join(missing[:20])}")
+        if unexpected:
+            lines.append(f"  unexpected keys: {', '.join(unexpected[:20])}")
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(state)

@@ -1,0 +1,407 @@
+"""A decoder-only transformer over image codes, conditioned on text by cross-attention.
+
+Each block is pre-norm (RMSNorm) and runs, in order:
+
+    causal self-attention over the codes (2-D rotary positions, optional grouped-query heads)
+    cross-attention to the projected text embeddings (padding masked out)
+    a SwiGLU MLP
+
+Position t of the input holds a learned start embedding (t = 0) or the code t - 1, and its
+output predicts code t, so ``logits[:, t]`` sees ``codes[:, :t]`` and the text. The text
+sequence always begins with a learned null token; dropping a caption (classifier-free
+guidance) masks out every other text token, so a dropped or empty caption attends to the
+null token alone and never produces NaN.
+
+Attention can run against a key/value cache owned by the caller (``vqgen.sampling``). The
+model only assumes this protocol of each layer's cache:
+
+    cache.update(pos, k, v) -> (k, v, mask)  # store the new self-attention keys/values,
+                                              # return those to attend over (+ bool mask or None)
+    cache.context -> (k, v, mask)             # this layer's cross-attention keys/values,
+                                              # computed once per prompt by ``context_kv``
+
+Attention against a cache runs in the cache's dtype (queries are cast to it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vqgen.checkpoint import load_config_json, load_state_into, load_weights, save_pretrained
+from vqgen.config import ConfigError, ModelConfig
+
+# Named sizes. B, L and XL mirror LlamaGen's GPT-B/L/XL (dim, depth, heads). Our blocks add
+# cross-attention (4 * dim^2 parameters per block) that LlamaGen's blocks lack; we pay for it
+# with a SwiGLU MLP ratio of 1.5 instead of LlamaGen's 8/3, which keeps every size within 3%
+# of LlamaGen's count (vocabulary 16,384, 16x16 grid, 384-d text; checked in the tests):
+#   B 114.0M vs 110.9M (+2.8%)    L 348.6M vs 342.9M (+1.7%)    XL 779.9M vs 774.7M (+0.7%)
+# `tiny` (4.3M parameters with the 1,000-code shapes tokenizer) trains in minutes on a CPU.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=256, depth=4, heads=4, kv_heads=4, mlp_ratio=2.0),
+    "B": dict(dim=768, depth=12, heads=12, kv_heads=12, mlp_ratio=1.5),
+    "L": dict(dim=1024, depth=24, heads=16, kv_heads=16, mlp_ratio=1.5),
+    "XL": dict(dim=1280, depth=36, heads=20, kv_heads=20, mlp_ratio=1.5),
+}
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return int(math.ceil(x / multiple) * multiple)
+
+
+@dataclass
+class TransformerConfig:
+    """Everything needed to rebuild a ``Transformer``; saved as JSON beside its weights."""
+
+    vocab_size: int  # the tokenizer's codebook size
+    grid: tuple[int, int]  # (h, w) code grid; sequence length h * w in raster order
+    text_dim: int  # width of the text encoder's embeddings
+    dim: int = 256
+    depth: int = 4
+    heads: int = 4
+    kv_heads: int = 4  # grouped-query attention when < heads
+    mlp_hidden: int = 512  # SwiGLU hidden width
+    dropout: float = 0.0
+    cond_dropout: float = 0.1  # caption dropout probability in training (classifier-free guidance)
+    rope_base: float = 10000.0
+    text_encoder: str = ""  # the text encoder the embeddings come from (name or path)
+    max_text_len: int = 32  # captions are truncated to this many text tokens
+
+    def __post_init__(self) -> None:
+        self.grid = tuple(int(g) for g in self.grid)
+        checks = [
+            (len(self.grid) == 2 and min(self.grid) > 0, f"grid must be (h, w) > 0, got {self.grid}"),
+            (self.dim % self.heads == 0, f"dim ({self.dim}) must be divisible by heads ({self.heads})"),
+            (self.heads % self.kv_heads == 0, f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})"),
+            (self.head_dim % 4 == 0, f"head dim dim/heads ({self.head_dim}) must be divisible by 4 for 2-D rotary"),
+            (0 <= self.cond_dropout < 1, f"cond_dropout must lie in [0, 1), got {self.cond_dropout}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"model config: {message}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @classmethod
+    def from_model_config(
+        cls, model_cfg: ModelConfig, vocab_size: int, grid: tuple[int, int], text_dim: int
+    ) -> TransformerConfig:
+        """Resolve ``model_cfg.size`` from ``SIZES`` and apply the fields set on top of it."""
+        if model_cfg.size not in SIZES:
+            raise ConfigError(f"config key 'model.size' is {model_cfg.size!r}; choose one of {list(SIZES)}")
+        size = dict(SIZES[model_cfg.size])
+        for key in ("dim", "depth", "heads", "kv_heads", "mlp_ratio"):
+            if getattr(model_cfg, key) is not None:
+                size[key] = getattr(model_cfg, key)
+        if model_cfg.heads is not None and model_cfg.kv_heads is None:
+            size["kv_heads"] = size["heads"]  # new head count, no GQA unless asked for
+        return cls(
+            vocab_size=vocab_size,
+            grid=grid,
+            text_dim=text_dim,
+            dim=size["dim"],
+            depth=size["depth"],
+            heads=size["heads"],
+            kv_heads=size["kv_heads"],
+            mlp_hidden=_round_up(size["mlp_ratio"] * size["dim"], 64),
+            dropout=model_cfg.dropout,
+            cond_dropout=model_cfg.cond_dropout,
+            rope_base=model_cfg.rope_base,
+            text_encoder=model_cfg.text_encoder,
+            max_text_len=model_cfg.max_text_len,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"grid": list(self.grid)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TransformerConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown transformer config keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------
+# 2-D rotary position embeddings
+# --------------------------------------------------------------------------------------
+
+
+def rope_tables(grid: tuple[int, int], head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [h*w, head_dim/2] for the code grid in raster order.
+
+    Half of each head's rotation pairs turn with the row, half with the column, so the score
+    between a query at (r, c) and a key at (r', c') depends only on (r - r', c - c'): the
+    model sees that the code above is one row up, not w positions back. Position t of the
+    input sits at the grid cell of the code it predicts, so the start token is at (0, 0).
+    """
+    h, w = grid
+    freqs = base ** -(torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))  # [Dh/4]
+    t = torch.arange(h * w)
+    rows, cols = (t // w).double(), (t % w).double()  # [N]
+    angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=-1)  # [N, Dh/2]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of x [B, H, n, Dh] by the angles of cos/sin [n, Dh/2]."""
+    pairs = rearrange(x.float(), "... (d two) -> ... d two", two=2)
+    x1, x2 = pairs.unbind(-1)  # [B, H, n, Dh/2]
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return rearrange(rotated, "... d two -> ... (d two)").type_as(x)
+
+
+# --------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------
+
+
+class Context(NamedTuple):
+    """Projected text: tokens [B, S, D] (the null token first) and mask [B, 1, 1, S] (True = attend)."""
+
+    tokens: Tensor
+    mask: Tensor
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, pos: int | Tensor, rope: tuple[Tensor, Tensor], cache=None) -> Tensor:
+        """x [B, n, D] at positions ``pos`` -> [B, n, D]; causal over the cache and x."""
+        q, k, v = self.qkv(x).split([self.heads * self.head_dim, *2 * [self.kv_heads * self.head_dim]], dim=-1)
+        q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)  # [B, H, n, Dh]
+        k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.kv_heads) for t in (k, v))  # [B, Hkv, n, Dh]
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        gqa = self.kv_heads != self.heads
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+        else:
+            k, v, mask = cache.update(pos, k, v)
+            q = q.to(k.dtype)  # attention runs in the cache's dtype
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        return self.proj(rearrange(y.to(x.dtype), "b h n d -> b n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.kv = nn.Linear(cfg.dim, 2 * cfg.kv_heads * cfg.head_dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+
+    def context_kv(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Text tokens [B, S, D] -> keys, values [B, Hkv, S, Dh]; a sampler computes them once per prompt."""
+        k, v = rearrange(self.kv(tokens), "b s (two h d) -> two b h s d", two=2, h=self.kv_heads)
+        return k, v
+
+    def forward(self, x: Tensor, context: Context | None, cache=None) -> Tensor:
+        """x [B, n, D] attends to the text in ``context`` (or the cache's precomputed keys) -> [B, n, D]."""
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)  # [B, H, n, Dh]
+        if cache is None:
+            (k, v), mask = self.context_kv(context.tokens), context.mask
+        else:
+            k, v, mask = cache.context
+            q = q.to(k.dtype)  # attention runs in the cache's dtype
+        dropout = self.dropout if self.training else 0.0
+        gqa = self.kv_heads != self.heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        return self.proj(rearrange(y.to(x.dtype), "b h n d -> b n (h d)"))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)  # one matmul for both halves
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.norm1, self.attn = nn.RMSNorm(cfg.dim, eps=1e-6), SelfAttention(cfg)
+        self.norm2, self.cross = nn.RMSNorm(cfg.dim, eps=1e-6), CrossAttention(cfg)
+        self.norm3, self.mlp = nn.RMSNorm(cfg.dim, eps=1e-6), SwiGLU(cfg.dim, cfg.mlp_hidden)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor, pos: int | Tensor, rope: tuple[Tensor, Tensor], context: Context | None, cache=None) -> Tensor:
+        p = self.dropout if self.training else 0.0
+        x = x + F.dropout(self.attn(self.norm1(x), pos, rope, cache), p)
+        x = x + F.dropout(self.cross(self.norm2(x), context, cache), p)
+        return x + F.dropout(self.mlp(self.norm3(x)), p)
+
+
+# --------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.bos = nn.Parameter(torch.empty(cfg.dim))  # the input at position 0
+        self.null = nn.Parameter(torch.empty(1, cfg.dim))  # the text token every caption starts with
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.dim)
+        self.text_norm = nn.RMSNorm(cfg.dim, eps=1e-6)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.RMSNorm(cfg.dim, eps=1e-6)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.grid, cfg.head_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [N, Dh/2]
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """std 0.02 everywhere; residual projections scaled by 1/sqrt(#residual branches) so the
+        residual stream's variance does not grow with depth; a zero head so training starts at
+        uniform predictions (loss = ln V)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.cross.proj, block.mlp.down):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(3 * self.cfg.depth))
+        nn.init.normal_(self.bos, std=0.02)
+        nn.init.normal_(self.null, std=0.02)
+        nn.init.zeros_(self.head.weight)
+
+    # -- pieces the sampler reuses ------------------------------------------------------
+
+    def context(self, text: Tensor, text_mask: Tensor, drop_cond: Tensor | None = None) -> Context:
+        """Text embeddings [B, L, d_text] + mask [B, L] -> the null token and projected text.
+
+        ``drop_cond`` [B] (True = use the null conditioning) defaults to Bernoulli(cond_dropout)
+        draws from the torch RNG in training mode (so a resumed run redraws the same), and to
+        no dropping in eval mode.
+        """
+        B, L, d = text.shape if text.ndim == 3 else (None, None, None)
+        if d != self.cfg.text_dim:
+            raise ValueError(
+                f"text embeddings must have shape [B, L, {self.cfg.text_dim}], got {tuple(text.shape)}; "
+                f"this model was built for the text encoder {self.cfg.text_encoder!r}"
+            )
+        if text_mask.shape != (B, L) or text_mask.dtype != torch.bool:
+            raise ValueError(f"text_mask must be a bool tensor of shape {(B, L)}, got {text_mask.dtype} {tuple(text_mask.shape)}")
+        if drop_cond is None and self.training and self.cfg.cond_dropout > 0:
+            drop_cond = torch.rand(B, device=text.device) < self.cfg.cond_dropout
+        if drop_cond is not None:
+            text_mask = text_mask & ~drop_cond.to(text_mask.device)[:, None]
+        tokens = torch.cat([self.null.expand(B, 1, -1), self.text_proj(text.to(self.null.dtype))], dim=1)  # [B, 1+L, D]
+        mask = F.pad(text_mask, (1, 0), value=True)  # [B, 1+L]: the null token is always attendable
+        return Context(self.text_norm(tokens), rearrange(mask, "b s -> b 1 1 s"))
+
+    def inputs(self, codes: Tensor) -> Tensor:
+        """codes [B, N] -> input embeddings [B, N, D]: the start embedding, then codes[:, :-1]."""
+        bos = self.bos.expand(codes.shape[0], 1, -1)
+        return torch.cat([bos, self.tok_emb(codes[:, :-1])], dim=1)
+
+    def run(self, x: Tensor, pos: int | Tensor, context: Context | None, caches=None) -> Tensor:
+        """Input embeddings x [B, n, D] at positions ``pos`` (an int start, or LongTensor [n]) ->
+        normed hidden states [B, n, D]; ``self.head`` turns them into logits.
+
+        Without caches, x is the whole prefix from position 0 and attention is causal. With
+        caches (one per block), earlier positions come from them and ``context`` may be None.
+        """
+        n = x.shape[1]
+        if isinstance(pos, int):
+            if pos + n > self.cfg.seq_len:
+                raise ValueError(f"positions {pos}..{pos + n - 1} exceed the {self.cfg.grid[0]}x{self.cfg.grid[1]} code grid")
+            rope = self.rope_cos[pos : pos + n], self.rope_sin[pos : pos + n]  # [n, Dh/2]
+        else:
+            rope = self.rope_cos[pos], self.rope_sin[pos]
+        for i, block in enumerate(self.blocks):
+            x = block(x, pos, rope, context, None if caches is None else caches[i])
+        return self.norm(x)
+
+    def forward(self, codes: Tensor, text: Tensor, text_mask: Tensor, drop_cond: Tensor | None = None) -> Tensor:
+        """codes [B, N] (raster order, N <= h*w) + text [B, L, d_text], text_mask [B, L]
+        -> logits [B, N, V]; logits[:, t] predicts codes[:, t] from codes[:, :t] and the text."""
+        if codes.ndim != 2 or codes.shape[1] > self.cfg.seq_len:
+            raise ValueError(
+                f"codes must have shape [B, N] with N <= {self.cfg.seq_len} ({self.cfg.grid[0]}x{self.cfg.grid[1]} grid), "
+                f"got {tuple(codes.shape)}; flatten [B, h, w] codes in raster order"
+            )
+        context = self.context(text, text_mask, drop_cond)
+        return self.head(self.run(self.inputs(codes), 0, context))
+
+    # -- training and checkpoints ------------------------------------------------------
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: decay on matmul weights only; none on norms, biases, embeddings."""
+        matmuls = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if id(p) in matmuls], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in matmuls], "weight_decay": 0.0},
+        ]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def check_compatible(self, tokenizer_codebook_size: int, tokenizer_grid: tuple[int, int]) -> None:
+        """Fail early when this model was built for a different tokenizer."""
+        grid = tuple(tokenizer_grid)
+        if tokenizer_codebook_size != self.cfg.vocab_size or grid != self.cfg.grid:
+            raise ConfigError(
+                f"the transformer expects codebook size {self.cfg.vocab_size} on a {self.cfg.grid[0]}x{self.cfg.grid[1]} "
+                f"grid, but the tokenizer has codebook size {tokenizer_codebook_size} on a {grid[0]}x{grid[1]} grid; "
+                "use the tokenizer this transformer was trained with (model.tokenizer) or retrain the transformer"
+            )
+
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        extra_config: dict[str, Any] | None = None,
+        ema_state: dict[str, Tensor] | None = None,
+    ) -> Path:
+        """``directory/{config.json, model.safetensors[, ema.safetensors]}``; ``extra_config``
+        (e.g. the run's full config) is stored beside the model's own ``transformer`` entry."""
+        extra = dict(extra_config or {})
+        if "transformer" in extra:
+            raise ValueError("extra_config must not have a 'transformer' key: it holds the model's own config")
+        return save_pretrained(directory, "transformer", {"transformer": self.cfg.to_dict(), **extra}, self.state_dict(), ema_state)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, ema: bool = False, device: str | torch.device = "cpu") -> Transformer:
+        """Rebuild from ``config.json`` and load ``model.safetensors`` (or ``ema.safetensors``)."""
+        directory = Path(directory)
+        config = load_config_json(directory, "transformer")
+        if "transformer" not in config:
+            raise ConfigError(f"{directory / 'config.json'} has no 'transformer' entry; it was not written by Transformer.save_pretrained")
+        cfg = TransformerConfig.from_dict(config["transformer"], source=str(directory / "config.json"))
+        model = cls(cfg)
+        path = directory / ("ema.safetensors" if ema else "model.safetensors")
+        load_state_into(model, load_weights(path), path)
+        return model.to(device)

@@ -1,0 +1,159 @@
+"""Train the text-conditioned transformer with the shared loop: ``train_transformer(cfg, out_dir)``.
+
+It reads pre-tokenized code shards (``vqgen.data.codes``; encoded here from ``cfg.data`` with
+the tokenizer if ``data.codes`` is not given) and cached text embeddings (``vqgen.text``;
+built once for every caption), so a training step runs neither the tokenizer nor the text
+encoder. ``out_dir`` ends up holding ``config.json`` + ``model.safetensors`` (loadable with
+``Transformer.from_pretrained``), ``report.json``, ``checkpoints/``, ``samples/`` and ``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from vqgen.checkpoint import atomic_write_text
+from vqgen.config import Config, ConfigError
+from vqgen.model import Transformer, TransformerConfig
+from vqgen.train.loop import IndexedBatches, Task, fit, setup_accelerator
+
+
+class NextCodeLoss(nn.Module):
+    """Wraps the transformer for the loop: ``forward(batch, step) -> (cross-entropy, metrics)``."""
+
+    def __init__(self, transformer: Transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, batch: dict, step: int) -> tuple[Tensor, dict]:
+        codes = rearrange(batch["codes"], "b h w -> b (h w)")  # [B, N]
+        logits = self.transformer(codes, batch["text"], batch["text_mask"])  # [B, N, V]
+        loss = F.cross_entropy(rearrange(logits.float(), "b n v -> (b n) v"), rearrange(codes, "b n -> (b n)"))
+        return loss, {"tokens": codes.numel()}
+
+
+class CodeTextBatches:
+    """``(micro-step, rank, world) -> {"codes", "text", "text_mask"}``: codes from the shards,
+    text embeddings from the cache; a pure function of its arguments (see ``IndexedBatches``)."""
+
+    def __init__(self, shards, cache, batch_size: int, seed: int, device: torch.device):
+        self.shards, self.cache, self.device = shards, cache, device
+        self.order = IndexedBatches(shards, batch_size, seed=seed)
+
+    def __call__(self, i: int, rank: int, world: int) -> dict:
+        idx = self.order.indices(i, rank, world)
+        codes = torch.stack([self.shards[j]["codes"] for j in idx])  # [B, h, w]
+        text, mask = self.cache.lookup([self.shards.captions[j] for j in idx])  # [B, L, d], [B, L]
+        return {"codes": codes.to(self.device), "text": text.to(self.device), "text_mask": mask.to(self.device)}
+
+
+def unigram_loss(shards) -> float:
+    """Cross-entropy (nats) of predicting every code from the codes' overall frequencies:
+    the loss a model that ignores both text and context reaches; training must beat it."""
+    counts = sum(np.bincount(np.asarray(s).ravel(), minlength=shards.codebook_size) for s in shards.shards)
+    counts = counts.astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def prepare_codes(cfg: Config, out_dir: Path, accelerator):
+    """Code shards for training: ``data.codes`` if given, else encode ``cfg.data`` once into
+    ``<out_dir>/codes`` with the tokenizer (resumable; split across processes)."""
+    from vqgen.data.codes import CodeShards, encode_dataset
+
+    if cfg.data.codes:
+        return CodeShards(cfg.data.codes)
+    codes_dir = Path(out_dir) / "codes"
+    encode_dataset(tokenizer_dir(cfg, out_dir), cfg.data, codes_dir, accelerator=accelerator)
+    return CodeShards(codes_dir)
+
+
+def tokenizer_dir(cfg: Config, out_dir: Path) -> Path:
+    """``model.tokenizer``, or the run's ``tokenizer/`` beside the transformer's directory."""
+    path = Path(cfg.model.tokenizer) if cfg.model.tokenizer else Path(out_dir).parent / "tokenizer"
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"no tokenizer checkpoint at {path}: train one first (python train.py tokenizer) or set "
+            "model.tokenizer=DIR"
+        )
+    return path
+
+
+def build_text(cfg: Config, out_dir: Path, captions: list[str], accelerator):
+    """The frozen text encoder and an embedding cache holding every training caption."""
+    from vqgen.text import EmbeddingCache, TextEncoder
+
+    encoder = TextEncoder(cfg.model.text_encoder, max_length=cfg.model.max_text_len)
+    cache = EmbeddingCache(cfg.model.text_cache or Path(out_dir) / "text_cache", encoder)
+    unique = sorted(set(captions))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    cache.build(unique[rank::world])  # each process encodes its share, then all read all
+    accelerator.wait_for_everyone()
+    cache.refresh()
+    return encoder, cache
+
+
+def make_preview(cfg: Config, encoder, tokenizer):
+    """A grid of samples for ``sampling.prompts`` (fixed seeds, so grids compare across steps)."""
+    from vqgen.eval.grid import grid_image
+    from vqgen.sampling import generate, sampling_options
+
+    prompts = cfg.sampling.prompts
+    if not prompts:
+        return None
+    text, mask = encoder.encode(prompts)
+
+    def preview(model: nn.Module, step: int) -> dict:
+        transformer = model.transformer
+        device = transformer.bos.device
+        codes = generate(transformer, text.to(device), mask.to(device), **sampling_options(cfg.sampling))
+        images = tokenizer.to(device).decode(codes)
+        captions = [p for p in prompts for _ in range(cfg.sampling.num_images)]
+        return {"samples": grid_image(images.cpu(), captions, ncol=cfg.sampling.num_images)}
+
+    return preview
+
+
+def train_transformer(cfg: Config, out_dir: Path) -> dict:
+    """Train (or resume) the transformer into ``out_dir``; returns the final training metrics
+    plus ``unigram_loss`` (also written to ``<out_dir>/report.json``)."""
+    from vqgen.tokenizer import VQTokenizer
+
+    out_dir = Path(out_dir)
+    train_cfg = cfg.training.transformer
+    accelerator = setup_accelerator(train_cfg, out_dir)
+    shards = prepare_codes(cfg, out_dir, accelerator)
+    tokenizer = VQTokenizer.from_pretrained(tokenizer_dir(cfg, out_dir)).eval()
+    if (shards.codebook_size, tuple(shards.grid)) != (tokenizer.codebook_size, tuple(tokenizer.grid)):
+        raise ConfigError(
+            f"code shards {shards.directory} hold codes of a codebook of {shards.codebook_size} on a {shards.grid} grid, "
+            f"but tokenizer {tokenizer_dir(cfg, out_dir)} has {tokenizer.codebook_size} codes on {tokenizer.grid}; "
+            "re-encode the data with this tokenizer"
+        )
+    encoder, cache = build_text(cfg, out_dir, shards.captions, accelerator)
+
+    model_cfg = TransformerConfig.from_model_config(cfg.model, tokenizer.codebook_size, tokenizer.grid, encoder.dim)
+    transformer = Transformer(model_cfg)
+    accelerator.print(f"transformer: {transformer.num_params() / 1e6:.2f}M parameters, {model_cfg.seq_len} codes per image")
+    extra = {"tokenizer": str(tokenizer_dir(cfg, out_dir)), "run": cfg.to_dict()}
+    task = Task(
+        kind="transformer",
+        model=NextCodeLoss(transformer),
+        batches=CodeTextBatches(shards, cache, train_cfg.batch_size, train_cfg.seed, accelerator.device),
+        export=lambda model, directory: model.transformer.save_pretrained(directory, extra_config=extra),
+        preview=make_preview(cfg, encoder, tokenizer),
+        param_groups=lambda model, wd: model.transformer.param_groups(wd),
+    )
+    metrics = fit(accelerator, task, train_cfg, cfg, out_dir)
+    metrics["unigram_loss"] = unigram_loss(shards)
+    metrics["final_loss"] = metrics.get("loss", math.nan)
+    if accelerator.is_main_process:
+        atomic_write_text(out_dir / "report.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
