@@ -179,10 +179,11 @@ def test_guidance_schedules_and_argument_errors():
 def test_generate_leaves_training_mode_and_reads_the_config():
     model = small_model().train()
     text, mask = prompts()
-    opts = sampling_options(SamplingConfig(cfg_scale=2.0, num_images=2, seed=3, top_k=5))
+    opts = sampling_options(SamplingConfig(cfg_scale=2.0, num_images=2, seed=3, top_k=5, temperature=0.7))
     codes = generate(model, text, mask, **opts)
     assert model.training
-    assert torch.equal(codes, generate(model.eval(), text, mask, num_images=2, cfg_scale=2.0, seeds=3, top_k=5))
+    same = generate(model.eval(), text, mask, num_images=2, cfg_scale=2.0, seeds=3, top_k=5, temperature=0.7)
+    assert torch.equal(codes, same)
 
 
 @pytest.mark.slow

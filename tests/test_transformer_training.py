@@ -47,7 +47,7 @@ def run_dir(tmp_path_factory) -> Path:
     return run
 
 
-def config(run_dir: Path, out: str, *extra: str):
+def config(run_dir: Path, *extra: str):
     return load_config(None, TINY + [f"model.tokenizer={run_dir / 'tokenizer'}", f"data.codes={run_dir / 'codes'}",
                                      f"model.text_cache={run_dir / 'text_cache'}", *extra])
 
@@ -55,7 +55,7 @@ def config(run_dir: Path, out: str, *extra: str):
 def test_resume_after_sigterm_is_bit_exact(run_dir, monkeypatch):
     from vqgen.train import transformer as tt
 
-    straight = tt.train_transformer(config(run_dir, "a", "training.transformer.steps=6"), run_dir / "straight")
+    straight = tt.train_transformer(config(run_dir, "training.transformer.steps=6"), run_dir / "straight")
 
     original = tt.CodeTextBatches.__call__
 
@@ -66,9 +66,9 @@ def test_resume_after_sigterm_is_bit_exact(run_dir, monkeypatch):
 
     monkeypatch.setattr(tt.CodeTextBatches, "__call__", killing)
     with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
-        tt.train_transformer(config(run_dir, "b", "training.transformer.steps=6"), run_dir / "resumed")
+        tt.train_transformer(config(run_dir, "training.transformer.steps=6"), run_dir / "resumed")
     monkeypatch.setattr(tt.CodeTextBatches, "__call__", original)
-    resumed = tt.train_transformer(config(run_dir, "b", "training.transformer.steps=6"), run_dir / "resumed")
+    resumed = tt.train_transformer(config(run_dir, "training.transformer.steps=6"), run_dir / "resumed")
 
     assert resumed["final_loss"] == straight["final_loss"]
     a = load_weights(run_dir / "straight" / "model.safetensors")
@@ -82,7 +82,7 @@ def test_loss_falls_below_the_unigram_baseline(run_dir):
     from vqgen.train.transformer import train_transformer
 
     result = train_transformer(
-        config(run_dir, "c", "training.transformer.steps=60", "training.transformer.lr=3e-3", "model.dropout=0.0"),
+        config(run_dir, "training.transformer.steps=60", "training.transformer.lr=3e-3", "model.dropout=0.0"),
         run_dir / "learns",
     )
     assert result["final_loss"] < result["unigram_loss"], result
@@ -93,7 +93,7 @@ def test_wandb_offline_run_holds_history_and_sample_images(run_dir):
 
     out = run_dir / "tracked"
     train_transformer(
-        config(run_dir, "d", "training.transformer.steps=2", "training.transformer.report_to=wandb",
+        config(run_dir, "training.transformer.steps=2", "training.transformer.report_to=wandb",
                "sampling.prompts=[a big red circle in the center]", "training.transformer.sample_every=2"),
         out,
     )
@@ -111,7 +111,7 @@ def test_tokenizer_mismatch_is_reported(run_dir, tmp_path):
 
     other = load_config(None, ["tokenizer.fsq_levels=[5, 5, 5]"])
     VQTokenizer(other.tokenizer, 32).save_pretrained(tmp_path / "other_tokenizer")
-    cfg = config(run_dir, "e", "training.transformer.steps=1", f"model.tokenizer={tmp_path / 'other_tokenizer'}")
+    cfg = config(run_dir, "training.transformer.steps=1", f"model.tokenizer={tmp_path / 'other_tokenizer'}")
     with pytest.raises(ConfigError, match=r"codebook of 1000 .* but tokenizer .* has 125 codes"):
         train_transformer(cfg, tmp_path / "mismatch")
 
