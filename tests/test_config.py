@@ -66,3 +66,12 @@ def test_shapes_config_spells_out_the_builtin_defaults():
 
     shipped = load_config(Path(__file__).parent.parent / "configs" / "shapes.yaml")
     assert shipped == load_config(None, ["name=shapes", "out_dir=runs/shapes"])
+
+
+def test_overriding_one_key_keeps_the_rest_of_its_sections_defaults():
+    cfg = load_config(None, ["training.tokenizer.steps=5", "training.transformer.lr=1e-4"])
+    default = Config()
+    assert cfg.training.tokenizer.steps == 5 and cfg.training.transformer.lr == 1e-4
+    # the two training sections have different defaults; an override must not reset them
+    assert cfg.training.tokenizer.lr == default.training.tokenizer.lr != default.training.transformer.lr
+    assert cfg.training.transformer.max_minutes == default.training.transformer.max_minutes > 0

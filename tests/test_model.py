@@ -134,7 +134,7 @@ def test_tiny_size():
 def test_config_resolution_and_errors():
     cfg = TransformerConfig.from_model_config(ModelConfig(size="B", depth=2, heads=6, mlp_ratio=2.0), 100, (8, 8), 32)
     assert (cfg.dim, cfg.depth, cfg.heads, cfg.kv_heads, cfg.mlp_hidden) == (768, 2, 6, 6, 1536)
-    with pytest.raises(ConfigError, match=r"'model.size' is 'huge'; choose one of \['tiny', 'B', 'L', 'XL'\]"):
+    with pytest.raises(ConfigError, match=r"'model.size' is 'huge'; choose one of \['mini', 'tiny', 'B', 'L', 'XL'\]"):
         TransformerConfig.from_model_config(ModelConfig(size="huge"), 100, (8, 8), 32)
     with pytest.raises(ConfigError, match=r"heads \(4\) must be a multiple of kv_heads \(3\)"):
         TransformerConfig.from_model_config(ModelConfig(size="tiny", kv_heads=3), 100, (8, 8), 32)

@@ -83,7 +83,7 @@ class TokenizerConfig:
 class ModelConfig:
     """Decoder-only transformer over image codes with cross-attention to text."""
 
-    size: str = "tiny"  # a name from vqgen.model.SIZES; the fields below override it when set
+    size: str = "mini"  # a name from vqgen.model.SIZES; the fields below override it when set
     dim: int | None = None
     depth: int | None = None
     heads: int | None = None
@@ -131,7 +131,7 @@ class TrainingConfig:
         betas=[0.9, 0.99], grad_clip=0.0, mixed_precision="no", log_every=50, checkpoint_every=500,
     ))
     transformer: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=3000, max_minutes=7.0, batch_size=64, lr=1e-3, warmup_steps=100, weight_decay=0.05,
+        steps=1000, max_minutes=8.0, batch_size=64, lr=2e-3, warmup_steps=100, weight_decay=0.05,
         mixed_precision="no", log_every=20, checkpoint_every=250,
     ))
 
@@ -139,7 +139,7 @@ class TrainingConfig:
 @dataclass
 class SamplingConfig:
     cfg_scale: float = 1.5
-    temperature: float = 0.8
+    temperature: float = 0.5
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     cfg_schedule: str = "constant"  # constant | linear (guidance ramps from 1 to cfg_scale)
@@ -245,11 +245,16 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", root: type | No
     for key in data:
         if key not in names:
             raise _unknown_key(prefix + key, root)
+    defaults = {f.name: f.default_factory() for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
     kwargs = {}
     for name, value in data.items():
         t = hints[name]
         if dataclasses.is_dataclass(t):
-            kwargs[name] = from_dict(t, value or {}, prefix + name + ".", root)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"config section '{prefix + name}' must be a mapping")
+            # keys not given keep this section's own defaults (e.g. training.tokenizer's)
+            base = dataclasses.asdict(defaults[name]) if name in defaults else {}
+            kwargs[name] = from_dict(t, _merge(base, value or {}), prefix + name + ".", root)
         else:
             kwargs[name] = _coerce(value, t, prefix + name)
     return cls(**kwargs)
