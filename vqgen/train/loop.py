@@ -73,9 +73,8 @@ def setup_accelerator(train_cfg: TrainConfig, out_dir: Path):
     """Create the Accelerator and seed every RNG. Call before building models, so that
     ``torch.distributed`` is up when a quantizer decides whether to sync its codebook."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import set_seed
 
     out_dir = Path(out_dir)
     # Without a GPU, say so: `accelerate launch --multi_gpu --num_processes N` then runs N CPU
@@ -88,7 +87,6 @@ def setup_accelerator(train_cfg: TrainConfig, out_dir: Path):
     log_with = None
     if train_cfg.report_to == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")  # no network assumed; `wandb sync` later
-        os.environ.setdefault("WANDB_DIR", str(out_dir))
         log_with = "wandb"
     accelerator = Accelerator(
         cpu=no_gpu,
