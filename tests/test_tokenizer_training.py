@@ -175,10 +175,8 @@ def test_two_process_vq_training_keeps_codebooks_in_sync(tmp_path):
     assert json.loads((run / "report.json").read_text())["num_images"] == 8
 
 
-def test_vq_resume_after_sigterm_is_bit_exact(tmp_path, monkeypatch):
+def test_vq_resume_after_sigterm_is_bit_exact(tmp_path, sigterm_at):
     """N steps in one run == N/2 steps, SIGTERM, resume, N/2 steps: weights, codebook, EMA."""
-    import signal
-
     from vqgen.checkpoint import load_weights
     from vqgen.train import tokenizer as tt
 
@@ -186,17 +184,8 @@ def test_vq_resume_after_sigterm_is_bit_exact(tmp_path, monkeypatch):
                  "training.tokenizer.steps=6", "training.tokenizer.ema_decay=0.9"]
     straight = train_tokenizer(load_config(None, overrides), tmp_path / "straight", eval_num=0)
 
-    original = tt.FreshShapes.__call__
-
-    def killing(self, step, rank, world):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, step, rank, world)
-
-    monkeypatch.setattr(tt.FreshShapes, "__call__", killing)
-    with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
+    with sigterm_at(tt.FreshShapes, 2), pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
         train_tokenizer(load_config(None, overrides), tmp_path / "resumed", eval_num=0)
-    monkeypatch.setattr(tt.FreshShapes, "__call__", original)
     resumed = train_tokenizer(load_config(None, overrides), tmp_path / "resumed", eval_num=0)
 
     assert resumed["loss"] == straight["loss"]

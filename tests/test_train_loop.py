@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toy_task import toy_dataset, train_toy
+from toy_task import train_toy
 from vqgen.checkpoint import load_weights
 from vqgen.train.loop import IndexedBatches, TrainingError, latest_checkpoint, lr_at
 from vqgen.config import TrainConfig

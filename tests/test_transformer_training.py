@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,22 +51,13 @@ def config(run_dir: Path, *extra: str):
                                      f"model.text_cache={run_dir / 'text_cache'}", *extra])
 
 
-def test_resume_after_sigterm_is_bit_exact(run_dir, monkeypatch):
+def test_resume_after_sigterm_is_bit_exact(run_dir, sigterm_at):
     from vqgen.train import transformer as tt
 
     straight = tt.train_transformer(config(run_dir, "training.transformer.steps=6"), run_dir / "straight")
 
-    original = tt.CodeTextBatches.__call__
-
-    def killing(self, i, rank, world):
-        if i == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, i, rank, world)
-
-    monkeypatch.setattr(tt.CodeTextBatches, "__call__", killing)
-    with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
+    with sigterm_at(tt.CodeTextBatches, 2), pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
         tt.train_transformer(config(run_dir, "training.transformer.steps=6"), run_dir / "resumed")
-    monkeypatch.setattr(tt.CodeTextBatches, "__call__", original)
     resumed = tt.train_transformer(config(run_dir, "training.transformer.steps=6"), run_dir / "resumed")
 
     assert resumed["final_loss"] == straight["final_loss"]

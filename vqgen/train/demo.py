@@ -111,6 +111,6 @@ def run_demo(cfg: Config, out: Path) -> dict:
 
     report["seconds"] = seconds | {"total": round(sum(seconds.values()), 1)}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    print(f"\nadherence exact: " + ", ".join(f"{k} {v['exact']:.1%}" for k, v in report["adherence"].items()))
+    print("\nadherence exact: " + ", ".join(f"{k} {v['exact']:.1%}" for k, v in report["adherence"].items()))
     print(f"samples: {out / 'samples.png'}\nreport:  {out / 'report.json'}\ntotal:   {report['seconds']['total']:.0f} s")
     return report
