@@ -45,8 +45,8 @@ from vqgen.config import ConfigError, ModelConfig
 # of LlamaGen's count (vocabulary 16,384, 16x16 grid, 384-d text; checked in the tests):
 #   B 114.0M vs 110.9M (+2.8%)    L 348.6M vs 342.9M (+1.7%)    XL 779.9M vs 774.7M (+0.7%)
 # `mini` (1.2M parameters with the 1,000-code shapes tokenizer) is the demo's: on 2 CPU cores
-# it takes ~2.4 steps/s at batch 64, and at equal wall time it beat `tiny` (4.3M, ~1 step/s)
-# by far (single-object exact match 98% vs 8% after 7-12 minutes). `tiny` is the benchmark's.
+# it takes ~2.4 steps/s at batch 64 against `tiny`'s ~1 (4.3M), and in the demo's 7-8 minute
+# budget it reached 88% single-object exact match against tiny's 7.5%. `tiny` is the benchmark's.
 SIZES: dict[str, dict[str, Any]] = {
     "mini": dict(dim=128, depth=4, heads=4, kv_heads=4, mlp_ratio=2.0),
     "tiny": dict(dim=256, depth=4, heads=4, kv_heads=4, mlp_ratio=2.0),
