@@ -70,7 +70,7 @@ def test_prefix_model_shares_weights_and_rotary_positions():
     prefix = on_grid(model, (2, 4))
     assert prefix.cfg.grid == (2, 4)
     for (name, p), q in zip(model.state_dict().items(), prefix.state_dict().values()):
-        assert torch.equal(p, q), name
+        assert torch.equal(p[:2] if name == "row_emb" else p, q), name  # the prefix's 2 rows of position embeddings
     # rows of a raster prefix keep their positions: the tables agree on the first 8 cells
     assert torch.equal(prefix.rope_cos, model.rope_cos[:8]) and torch.equal(prefix.rope_sin, model.rope_sin[:8])
 

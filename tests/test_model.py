@@ -30,9 +30,9 @@ def batch(b: int = 3, length: int = 5):
     return codes, text, mask
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_causality(kv_heads):
-    model = small_model(kv_heads)
+@pytest.mark.parametrize("kv_heads, text_depth", [(4, 0), (2, 0), (4, 2)])
+def test_causality(kv_heads, text_depth):
+    model = small_model(kv_heads, text_depth=text_depth)
     codes, text, mask = batch()
     logits = model(codes, text, mask)
     for t in (0, 5, 14):
@@ -43,8 +43,9 @@ def test_causality(kv_heads):
         assert not torch.allclose(other[:, t + 1], logits[:, t + 1])
 
 
-def test_text_padding_does_not_change_logits():
-    model = small_model()
+@pytest.mark.parametrize("text_depth", [0, 2])
+def test_text_padding_does_not_change_logits(text_depth):
+    model = small_model(text_depth=text_depth)
     codes, text, mask = batch()
     logits = model(codes, text, mask)
     padded_text = torch.cat([text, torch.randn(3, 4, TEXT_DIM)], dim=1)
@@ -58,8 +59,9 @@ def test_text_padding_does_not_change_logits():
     assert not torch.allclose(model(codes, text2, mask)[0], logits[0])
 
 
-def test_dropped_and_empty_captions_ignore_the_text():
-    model = small_model()
+@pytest.mark.parametrize("text_depth", [0, 2])
+def test_dropped_and_empty_captions_ignore_the_text(text_depth):
+    model = small_model(text_depth=text_depth)
     codes, text, mask = batch()
     drop = torch.tensor([True, False, True])
     a = model(codes, text, mask, drop_cond=drop)
@@ -69,6 +71,19 @@ def test_dropped_and_empty_captions_ignore_the_text():
     empty = model(codes, text, torch.zeros_like(mask))  # all-False mask: the null conditioning, no NaN
     assert torch.isfinite(empty).all()
     torch.testing.assert_close(empty[drop], a[drop])
+
+
+def test_text_blocks_let_each_word_see_the_caption():
+    """Without text blocks a text token's context entry is its own embedding, projected; with
+    them it depends on the other words too (what binds "red" to "circle" and "top left")."""
+    codes, text, mask = batch()
+    changed = text.clone()
+    changed[1, 0] += 1.0  # another word of caption 1
+    for depth, mixes in ((0, False), (2, True)):
+        model = small_model(text_depth=depth)
+        before, after = model.context(text, mask).tokens, model.context(changed, mask).tokens  # [B, 1+L, D]
+        torch.testing.assert_close(after[[0, 2]], before[[0, 2]])  # other captions untouched
+        assert torch.allclose(after[1, 2:], before[1, 2:]) != mixes
 
 
 def test_caption_dropout_draws_from_the_torch_rng():

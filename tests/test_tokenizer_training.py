@@ -45,7 +45,7 @@ def test_train_tokenizer_on_shapes_exports_a_loadable_tokenizer(tmp_path):
     assert report["num_images"] == 16 and report["psnr"] == metrics["eval_psnr"]
     assert (tmp_path / "samples" / "reconstructions_00000006.png").is_file()
     tokenizer = VQTokenizer.from_pretrained(tmp_path)
-    assert tokenizer.grid == (8, 8) and tokenizer.codebook_size == 1000
+    assert tokenizer.grid == (6, 6) and tokenizer.codebook_size == 1000  # 24 px at downsample 4
 
 
 def make_image_folder(root: Path, n: int = 8, size: int = 48) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import toy_task
 from toy_task import train_toy
 from vqgen.checkpoint import load_weights
 from vqgen.train.loop import IndexedBatches, TrainingError, latest_checkpoint, lr_at
@@ -59,6 +60,53 @@ def test_resume_refuses_a_checkpoint_of_another_kind(tmp_path):
         train_toy(tmp_path / "run", {"steps": 4, "batch_size": 8})
 
 
+def test_resume_refuses_a_checkpoint_of_a_sharded_run(tmp_path):
+    train_toy(tmp_path / "run", {"steps": 2, "batch_size": 8})
+    state = latest_checkpoint(tmp_path / "run") / "trainer_state.json"
+    saved = json.loads(state.read_text())
+    assert saved == {"kind": "toy", "step": 2, "processes": 1, "sharded": False}
+    state.write_text(json.dumps({**saved, "processes": 2, "sharded": True}))  # as an FSDP run writes it
+    with pytest.raises(TrainingError, match="written by an FSDP run of 2 processes, but this is an unsharded run"):
+        train_toy(tmp_path / "run", {"steps": 4, "batch_size": 8})
+
+
+def test_export_writes_the_state_gathered_by_the_accelerator(tmp_path, monkeypatch):
+    """The export goes through ``accelerator.get_state_dict`` (the collective that gathers FSDP
+    shards), taken while the EMA weights are swapped in."""
+    from accelerate import Accelerator
+
+    gathered, exported = [], []
+    real_get, real_save = Accelerator.get_state_dict, toy_task.save_pretrained
+
+    def get_state_dict(self, model, unwrap=True):
+        gathered.append(real_get(self, model, unwrap))
+        return gathered[-1]
+
+    def save_pretrained(directory, kind, config, state):
+        exported.append(state)
+        return real_save(directory, kind, config, state)
+
+    monkeypatch.setattr(Accelerator, "get_state_dict", get_state_dict)
+    monkeypatch.setattr(toy_task, "save_pretrained", save_pretrained)
+    train_toy(tmp_path / "run", {"steps": 4, "batch_size": 8, "ema_decay": 0.9})
+    assert len(exported) == 1 and any(exported[0] is g for g in gathered)
+    ema = load_weights(latest_checkpoint(tmp_path / "run") / "ema.safetensors")
+    assert all(torch.equal(weights(tmp_path / "run")[k], ema[k]) for k in ema)
+
+
+@pytest.mark.slow
+def test_fsdp_config_on_cpu_is_refused_with_the_reason(tmp_path):
+    """Accelerate enables FSDP only on accelerators; on CPU it would silently run unsharded DDP."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(HERE.parent / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2"]
+    proc = subprocess.run(launch + [str(HERE / "toy_task.py"), str(tmp_path / "run"), "2", "8"], timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "the Accelerate config asks for FSDP, but Accelerate" in proc.stderr
+    assert "set up MULTI_CPU (on cpu): it runs FSDP only on GPUs" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     train_toy(tmp_path / "run", {"steps": 8, "batch_size": 8, "checkpoint_every": 2})
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -86,11 +134,11 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = str(HERE / "toy_task.py")
-    subprocess.run([sys.executable, script, str(tmp_path / "one"), "8", "16"], check=True, env=env, timeout=300,
-                   capture_output=True)
+    subprocess.run([sys.executable, script, str(tmp_path / "one"), "8", "16", "ema_decay=0.9"], check=True, env=env,
+                   timeout=300, capture_output=True)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    proc = subprocess.run(launch + [script, str(tmp_path / "two"), "8", "8"], env=env, timeout=300,
+    proc = subprocess.run(launch + [script, str(tmp_path / "two"), "8", "8", "ema_decay=0.9"], env=env, timeout=300,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "result.json").read_text())
@@ -99,3 +147,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step_00000008"]
+    # unsharded: one full EMA file, written by the main process, exported as the weights
+    ema = load_weights(tmp_path / "two" / "checkpoints" / "step_00000008" / "ema.safetensors")
+    assert all(torch.equal(b[k], ema[k]) for k in ema)

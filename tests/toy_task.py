@@ -50,7 +50,7 @@ def train_toy(out_dir: Path, overrides: dict, **model_kwargs) -> dict:
         kind="toy",
         model=model,
         batches=IndexedBatches(toy_dataset(), cfg.batch_size, seed=cfg.seed),
-        export=lambda m, d: save_pretrained(d, "toy", {}, m.state_dict()),
+        export=lambda state, d: save_pretrained(d, "toy", {}, state),
     )
     return fit(accelerator, task, cfg, Config(name="toy"), out_dir)
 

@@ -65,6 +65,15 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
+def substate(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a submodule's state dict: keys under ``prefix.``, with the prefix removed."""
+    head = prefix + "."
+    sub = {k[len(head):]: v for k, v in state.items() if k.startswith(head)}
+    if not sub:
+        raise CheckpointError(f"the state dict holds no weights under {head!r}; its keys begin {sorted(state)[:5]}")
+    return sub
+
+
 def save_pretrained(
     directory: str | Path,
     kind: str,

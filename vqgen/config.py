@@ -34,7 +34,7 @@ class DataConfig:
     """Where images and captions come from."""
 
     kind: str = "shapes"  # shapes | folder | webdataset
-    resolution: int = 32  # square side in pixels; images are resized + center-cropped
+    resolution: int = 24  # square side in pixels; images are resized + center-cropped
     # -- the built-in captioned-shapes set: fresh, deterministic scenes per (seed, index)
     seed: int = 0
     num: int = 20000  # scenes in the fixed training set (indices 0..num-1) when pre-tokenizing
@@ -89,6 +89,7 @@ class ModelConfig:
     heads: int | None = None
     kv_heads: int | None = None  # grouped-query attention when < heads
     mlp_ratio: float | None = None  # SwiGLU hidden = mlp_ratio * dim (rounded up to 64)
+    text_depth: int | None = None  # trainable self-attention blocks over the projected caption
     rope_base: float = 10000.0  # 2-D rotary embeddings over the code grid
     dropout: float = 0.0
     text_encoder: str = "all-minilm-l6-v2"  # hub name, local path, or a packaged alias

@@ -121,7 +121,9 @@ def on_grid(model: Transformer, grid: tuple[int, int]) -> Transformer:
     keep their rotary positions, so each step costs exactly what it costs in the full grid."""
     cfg = dataclasses.replace(model.cfg, grid=grid)
     prefix = Transformer(cfg).to(model.bos.device, model.bos.dtype).eval()
-    prefix.load_state_dict(model.state_dict())
+    state = model.state_dict()
+    state["row_emb"] = state["row_emb"][: grid[0]]
+    prefix.load_state_dict(state)
     return prefix
 
 

@@ -282,9 +282,10 @@ class VQTokenizer(nn.Module):
     def config_dict(self) -> dict[str, Any]:
         return {"resolution": self.resolution, **vars(self.cfg)}
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``directory/{config.json, model.safetensors}``."""
-        return save_pretrained(directory, KIND, self.config_dict(), self.state_dict())
+    def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``directory/{config.json, model.safetensors}``: this tokenizer's config with
+        ``state`` (default: its own ``state_dict()``; the full weights gathered from a sharded run)."""
+        return save_pretrained(directory, KIND, self.config_dict(), self.state_dict() if state is None else state)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VQTokenizer":

@@ -2,10 +2,14 @@
 
 A model family hands the loop a :class:`Task`: one ``nn.Module`` whose ``forward(batch, step)``
 returns ``(loss, metrics)``, a pure function ``batches(i, rank, world)`` that says what each
-process reads at micro-step ``i``, and an ``export`` that writes a loadable checkpoint. The loop
-owns everything else, identically for both: Accelerate (DDP/FSDP/DeepSpeed, mixed precision),
-AdamW with warm-up + cosine, gradient accumulation and clipping, EMA weights, NaN handling,
-atomic checkpoints every N steps and on SIGTERM/Ctrl-C, exact resume, tqdm, wandb.
+process reads at micro-step ``i``, and an ``export`` that writes a loadable checkpoint from a
+full state dict. The loop owns everything else, identically for both: Accelerate (DDP, FSDP,
+mixed precision), AdamW with warm-up + cosine, gradient accumulation and clipping, EMA weights,
+NaN handling, atomic checkpoints every N steps and on SIGTERM/Ctrl-C, exact resume, tqdm, wandb.
+
+Under FSDP every process holds only shards of the parameters: the EMA follows each process's
+shards, checkpoints hold one EMA file per process, and the export and previews gather full
+weights with ``accelerator.get_state_dict``, a collective every process takes part in.
 
 Exact resume holds because nothing the loop does depends on history it does not save: the
 data position is a function of the step, the learning rate is a function of the step, and the
@@ -15,6 +19,7 @@ RNG states, optimizer moments and EMA weights are restored from the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -29,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from vqgen.checkpoint import atomic_write_text, load_weights, save_weights
@@ -36,6 +42,7 @@ from vqgen.config import Config, TrainConfig
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
+EMA_FILE = "ema.safetensors"  # in a checkpoint of an unsharded run: the full EMA weights
 
 
 class TrainingError(RuntimeError):
@@ -49,7 +56,7 @@ class Task:
     kind: str  # "tokenizer" | "transformer"
     model: nn.Module  # everything trainable; forward(batch, step) -> (loss, metrics)
     batches: Callable[[int, int, int], dict]  # (micro-step, rank, world) -> this process's batch
-    export: Callable[[nn.Module, Path], None]  # (unwrapped model, dir) -> loadable checkpoint
+    export: Callable[[dict[str, torch.Tensor], Path], None]  # (model's full state dict, dir) -> loadable checkpoint
     preview: Callable[[nn.Module, int], dict[str, Any]] | None = None  # -> named PIL images
     param_groups: Callable[[nn.Module, float], list[dict]] | None = None
 
@@ -95,8 +102,31 @@ def setup_accelerator(train_cfg: TrainConfig, out_dir: Path):
         project_dir=str(out_dir),
         step_scheduler_with_optimizer=False,
     )
+    check_distributed_type(accelerator)
     set_seed(train_cfg.seed)  # the same initial weights on every process
     return accelerator
+
+
+def check_distributed_type(accelerator) -> None:
+    """Refuse the Accelerate setups this loop would not train as asked, before any model is built."""
+    from accelerate import __version__ as accelerate_version
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise TrainingError(
+            "DeepSpeed is not supported by vqgen's training loop: its engine clips, steps the optimizer and "
+            "accumulates gradients inside accelerator.backward(), which the loop does itself (with its NaN policy "
+            "and EMA). Shard with FSDP instead: accelerate launch --config_file configs/accelerate/fsdp.yaml ..."
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != DistributedType.FSDP:
+        # Accelerate switches to FSDP only on accelerators (CUDA, XPU, NPU, ...); on CPU it silently
+        # falls back to plain data parallelism, which would not shard anything
+        raise TrainingError(
+            f"the Accelerate config asks for FSDP, but Accelerate {accelerate_version} set up {kind.value} "
+            f"(on {accelerator.device.type}): it runs FSDP only on GPUs and other accelerators. Without one, train "
+            "unsharded over gloo with: accelerate launch --multi_gpu --num_processes N ..."
+        )
 
 
 def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -166,42 +196,78 @@ class IndexedBatches:
 # --------------------------------------------------------------------------------------
 
 
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """The part of ``param`` this process holds, as a plain tensor sharing its storage: the local
+    shard (dim-0 slice, possibly empty) under FSDP2, whose parameters are ``DTensor``s; the full
+    parameter itself in a single process or under DDP."""
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
 class EMA:
-    """Exponential moving average of the trainable parameters, kept in fp32."""
+    """Exponential moving average, in fp32, of the trainable parameters as this process holds
+    them: full tensors in a single process or under DDP, this process's shards under FSDP. Build
+    it after ``accelerator.prepare``, which is where FSDP shards the parameters."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.shadow = [p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad]
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in trainable]
+        self.shadow = [_local(p).detach().float().clone() for _, p in trainable]  # each of its local shape
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        params = [p.detach().float() for p in model.parameters() if p.requires_grad]
+        params = [_local(p).detach().float() for p in model.parameters() if p.requires_grad]
         torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.shadow))
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: Path) -> None:
+        """Load what ``state_dict`` returned (read from ``source``) onto the shadows' devices."""
         missing = set(self.names) - set(state)
         if missing:
-            raise TrainingError(f"EMA checkpoint lacks {sorted(missing)[:5]}")
-        self.shadow = [state[n].float().clone() for n in self.names]
+            raise TrainingError(f"EMA weights in {source} lack {sorted(missing)[:5]}")
+        wrong = [f"{n}: saved {tuple(state[n].shape)}, held here {tuple(s.shape)}"
+                 for n, s in zip(self.names, self.shadow) if state[n].shape != s.shape]
+        if wrong:
+            raise TrainingError(f"EMA weights in {source} do not fit this model: {'; '.join(wrong[:5])}")
+        self.shadow = [state[n].to(s.device, torch.float32).clone() for n, s in zip(self.names, self.shadow)]
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
-        """Temporarily swap the EMA weights into ``model`` (for export and previews)."""
+        """Temporarily swap the EMA weights into ``model`` (for export and previews); each
+        process swaps its own part, in place, so FSDP gathers the EMA weights meanwhile."""
         params = dict(model.named_parameters())
-        backup = {n: params[n].detach().clone() for n in self.names}
+        local = [_local(params[n]) for n in self.names]
+        backup = [t.detach().clone() for t in local]
         with torch.no_grad():
-            for n, s in zip(self.names, self.shadow):
-                params[n].copy_(s)
+            for t, s in zip(local, self.shadow):
+                t.copy_(s)
         try:
             yield
         finally:
             with torch.no_grad():
-                for n in self.names:
-                    params[n].copy_(backup[n])
+                for t, b in zip(local, backup):
+                    t.copy_(b)
+
+
+@contextlib.contextmanager
+def _full_state(accelerator, model: nn.Module, ema: EMA | None) -> Iterator[dict[str, torch.Tensor]]:
+    """The full state dict of the prepared ``model``, with the EMA weights in place of the
+    trained ones, valid inside the block (under DDP its tensors are the live parameters).
+
+    Under FSDP this gathers the shards: every process must enter, and only the main process
+    receives the tensors (full-size, on CPU).
+    """
+    with ema.applied(accelerator.unwrap_model(model)) if ema is not None else contextlib.nullcontext():
+        yield accelerator.get_state_dict(model)
+
+
+def _is_sharded(accelerator) -> bool:
+    """Whether each process holds only shards of the parameters (FSDP)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 # --------------------------------------------------------------------------------------
@@ -220,20 +286,31 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _ema_shard_file(rank: int) -> str:
+    """Under FSDP each process saves the EMA of its own shards to a file of its own."""
+    return f"ema.rank{rank:05d}.safetensors"
+
+
 def _save_checkpoint(accelerator, out_dir: Path, step: int, ema: EMA | None, run_cfg: Config, kind: str) -> Path:
     root = Path(out_dir) / CHECKPOINTS
     final, tmp = _step_dir(root, step), root / f".step_{step:08d}.tmp"
+    sharded = _is_sharded(accelerator)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    # model (safetensors), optimizer and every process's RNG states; loaded weights_only
+    # model and optimizer (safetensors, or per-process shards under FSDP) and every process's RNG
+    # states; loaded weights_only
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if ema is not None and sharded:
+        save_weights(tmp / _ema_shard_file(accelerator.process_index), ema.state_dict())
+    accelerator.wait_for_everyone()  # every process's files are in tmp before it is renamed
     if accelerator.is_main_process:
-        if ema is not None:
-            save_weights(tmp / "ema.safetensors", ema.state_dict())
+        if ema is not None and not sharded:
+            save_weights(tmp / EMA_FILE, ema.state_dict())
         run_cfg.save(tmp / "config.json")
-        atomic_write_text(tmp / "trainer_state.json", json.dumps({"kind": kind, "step": step}) + "\n")
+        state = {"kind": kind, "step": step, "processes": accelerator.num_processes, "sharded": sharded}
+        atomic_write_text(tmp / "trainer_state.json", json.dumps(state) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
@@ -242,10 +319,22 @@ def _save_checkpoint(accelerator, out_dir: Path, step: int, ema: EMA | None, run
     return final
 
 
+def _describe_run(sharded: bool, processes: Any) -> str:
+    return f"an FSDP run of {processes} processes" if sharded else "an unsharded run (single process or DDP)"
+
+
 def _load_checkpoint(accelerator, path: Path, ema: EMA | None, kind: str) -> int:
     state = json.loads((path / "trainer_state.json").read_text())
     if state.get("kind") != kind:
         raise TrainingError(f"{path} is a {state.get('kind')!r} checkpoint; this run trains a {kind!r}")
+    sharded, world = _is_sharded(accelerator), accelerator.num_processes
+    saved_sharded = state.get("sharded", False)  # absent in checkpoints of unsharded runs from before FSDP support
+    if saved_sharded != sharded or (sharded and state.get("processes") != world):
+        raise TrainingError(
+            f"{path} was written by {_describe_run(saved_sharded, state.get('processes'))}, but this is "
+            f"{_describe_run(sharded, world)}; resume with the Accelerate config and number of processes it was "
+            "written with"
+        )
     try:
         accelerator.load_state(str(path))
     except Exception as e:  # a key/shape mismatch from a checkpoint of another model
@@ -254,10 +343,10 @@ def _load_checkpoint(accelerator, path: Path, ema: EMA | None, kind: str) -> int
             "use a new output directory or restore the config saved beside it (config.json)."
         ) from e
     if ema is not None:
-        ema_file = path / "ema.safetensors"
+        ema_file = path / (_ema_shard_file(accelerator.process_index) if sharded else EMA_FILE)
         if not ema_file.is_file():
-            raise TrainingError(f"{path} has no ema.safetensors but EMA is enabled (ema_decay > 0)")
-        ema.load_state_dict(load_weights(ema_file))
+            raise TrainingError(f"{path} has no {ema_file.name} but EMA is enabled (ema_decay > 0)")
+        ema.load_state_dict(load_weights(ema_file), ema_file)
     return int(state["step"])
 
 
@@ -307,11 +396,14 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
         run_cfg.save(out_dir / "run_config.json")
 
     model = task.model
+    # Under FSDP no process holds the full model after prepare(): the main process previews a
+    # full copy made now, into which it loads the gathered weights (kept on CPU in between)
+    replica = copy.deepcopy(model).cpu() if task.preview is not None and _is_sharded(accelerator) and main else None
     groups = (task.param_groups or default_param_groups)(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    ema = EMA(unwrapped, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     step = 0
     resume_from = latest_checkpoint(out_dir)
@@ -364,6 +456,8 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
             grad_norm = None
             if not nonfinite:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                if isinstance(grad_norm, DTensor):  # FSDP2: the same norm on every process, as a replicated DTensor
+                    grad_norm = grad_norm.full_tensor()
                 nonfinite = not torch.isfinite(grad_norm).item()
             if nonfinite:
                 optimizer.zero_grad(set_to_none=True)
@@ -407,8 +501,8 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
                         f.write(json.dumps({"step": step, **last}) + "\n")
                 accelerator.log({f"{task.kind}/{k}": v for k, v in last.items()}, step=step)
 
-            if task.preview is not None and main and (finishing or (cfg.sample_every and step % cfg.sample_every == 0)):
-                _preview(task, unwrapped, ema, step, out_dir, accelerator)
+            if task.preview is not None and (finishing or (cfg.sample_every and step % cfg.sample_every == 0)):
+                _preview(task, model, ema, replica, step, out_dir, accelerator)
 
             if step % cfg.checkpoint_every == 0 or finishing:
                 _save_checkpoint(accelerator, out_dir, step, ema, run_cfg, task.kind)
@@ -419,9 +513,9 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
                 break
     bar.close()
 
-    if main:
-        with ema.applied(unwrapped) if ema is not None else contextlib.nullcontext():
-            task.export(unwrapped, out_dir)
+    with _full_state(accelerator, model, ema) as state:  # every process: a collective under FSDP
+        if main:
+            task.export(state, out_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if stop.requested:
@@ -429,14 +523,48 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
     return {**last, "step": step, "skipped_steps": skipped, "seconds": time.perf_counter() - t_start, "stopped_early": stopped_early}
 
 
-def _preview(task: Task, model: nn.Module, ema: EMA | None, step: int, out_dir: Path, accelerator) -> None:
-    """Sample/reconstruction grids from the (EMA) weights, without touching the training RNG."""
-    was_training = model.training
-    model.eval()
+@contextlib.contextmanager
+def _preview_model(
+    accelerator, model: nn.Module, ema: EMA | None, replica: nn.Module | None
+) -> Iterator[nn.Module | None]:
+    """The full model with the (EMA) weights on the main process, ``None`` on the others, for
+    the block. Every process must enter: under FSDP they gather the full weights, which the main
+    process loads into ``replica`` (its full copy of the model, on the accelerator only for the
+    block); otherwise the main process swaps the EMA weights into its own model."""
+    main = accelerator.is_main_process
+    if _is_sharded(accelerator):
+        with _full_state(accelerator, model, ema) as state:
+            if main:
+                replica.load_state_dict(state)
+        if not main:
+            yield None
+            return
+        replica.to(accelerator.device)
+        try:
+            yield replica
+        finally:
+            replica.cpu()  # leave the accelerator's memory to training
+    elif not main:
+        yield None
+    else:
+        target = accelerator.unwrap_model(model)
+        with ema.applied(target) if ema is not None else contextlib.nullcontext():
+            yield target
+
+
+def _preview(task: Task, model: nn.Module, ema: EMA | None, replica: nn.Module | None, step: int, out_dir: Path,
+             accelerator) -> None:
+    """Sample/reconstruction grids from the (EMA) weights, made by the main process without
+    touching the training RNG; called on every process (see ``_preview_model``)."""
     devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), (ema.applied(model) if ema is not None else contextlib.nullcontext()):
-        images = task.preview(model, step)
-    model.train(was_training)
+    with _preview_model(accelerator, model, ema, replica) as target:
+        if target is None:
+            return
+        was_training = target.training
+        target.eval()
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            images = task.preview(target, step)
+        target.train(was_training)
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     for name, image in images.items():
         image.save(out_dir / "samples" / f"{name}_{step:08d}.png")

@@ -20,7 +20,7 @@ from einops import rearrange
 from PIL import Image
 from torch import nn
 
-from vqgen.checkpoint import atomic_write_text
+from vqgen.checkpoint import atomic_write_text, substate
 from vqgen.config import Config, ConfigError
 from vqgen.data.loaders import build_dataset
 from vqgen.eval.tokenizer import evaluate_tokenizer, heldout_dataset
@@ -89,7 +89,7 @@ def build_task(cfg: Config) -> Task:
         kind="tokenizer",
         model=TokenizerTrainer(tokenizer, cfg.tokenizer),
         batches=training_batches(cfg),
-        export=lambda model, directory: model.tokenizer.save_pretrained(directory),
+        export=lambda state, directory: tokenizer.save_pretrained(directory, substate(state, "tokenizer")),
         preview=make_preview(cfg),
     )
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqgen.checkpoint import atomic_write_text
+from vqgen.checkpoint import atomic_write_text, substate
 from vqgen.config import Config, ConfigError
 from vqgen.model import Transformer, TransformerConfig
 from vqgen.train.loop import IndexedBatches, Task, fit, setup_accelerator
@@ -147,7 +147,9 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
         kind="transformer",
         model=NextCodeLoss(transformer),
         batches=CodeTextBatches(shards, cache, train_cfg.batch_size, train_cfg.seed, accelerator.device),
-        export=lambda model, directory: model.transformer.save_pretrained(directory, extra_config=extra),
+        export=lambda state, directory: transformer.save_pretrained(
+            directory, extra_config=extra, state=substate(state, "transformer")
+        ),
         preview=make_preview(cfg, encoder, tokenizer),
         param_groups=lambda model, wd: model.transformer.param_groups(wd),
     )
