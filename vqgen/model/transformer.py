@@ -6,6 +6,10 @@ Each block is pre-norm (RMSNorm) and runs, in order:
     cross-attention to the projected text embeddings (padding masked out)
     a SwiGLU MLP
 
+The text is projected to the model's width and, when
+``text_depth`` > 0, mixed by bidirectional text blocks; the code inputs carry absolute
+(row, column) embeddings as well as the rotary positions of self-attention.
+
 Position t of the input holds a learned start embedding (t = 0) or the code t - 1, and its
 output predicts code t, so ``logits[:, t]`` sees ``codes[:, :t]`` and the text. The text
 sequence always begins with a learned null token; dropping a caption (classifier-free
@@ -259,7 +263,9 @@ class TextBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.heads = cfg.heads
-        self.norm1, self.qkv, self.proj = nn.RMSNorm(cfg.dim, eps=1e-6), nn.Linear(cfg.dim, 3 * cfg.dim, bias=False), nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.norm1 = nn.RMSNorm(cfg.dim, eps=1e-6)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.norm2, self.mlp = nn.RMSNorm(cfg.dim, eps=1e-6), SwiGLU(cfg.dim, cfg.mlp_hidden)
 
     def forward(self, x: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
@@ -330,7 +336,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(3 * self.cfg.depth))
         for block in self.text_blocks:
             for proj in (block.proj, block.mlp.down):
-                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * max(self.cfg.text_depth, 1)))
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.cfg.text_depth))
         nn.init.normal_(self.bos, std=0.02)
         nn.init.normal_(self.row_emb, std=0.02)
         nn.init.normal_(self.col_emb, std=0.02)
@@ -367,10 +373,6 @@ class Transformer(nn.Module):
                 tokens = block(tokens, mask, rope)
         return Context(self.text_norm(tokens), mask)
 
-    def grid_embedding(self) -> Tensor:
-        """The absolute position embedding of every grid cell in raster order [h*w, D]."""
-        return rearrange(self.row_emb[:, None] + self.col_emb[None], "h w d -> (h w) d")
-
     def inputs(self, codes: Tensor) -> Tensor:
         """codes [B, N] -> input embeddings [B, N, D]: the start embedding, then codes[:, :-1]."""
         bos = self.bos.expand(codes.shape[0], 1, -1)
@@ -387,10 +389,11 @@ class Transformer(nn.Module):
         if isinstance(pos, int):
             if pos + n > self.cfg.seq_len:
                 raise ValueError(f"positions {pos}..{pos + n - 1} exceed the {self.cfg.grid[0]}x{self.cfg.grid[1]} code grid")
-            at = slice(pos, pos + n)
+            at, cells = slice(pos, pos + n), torch.arange(pos, pos + n, device=x.device)
         else:
-            at = pos
-        x = x + self.grid_embedding()[at]  # [B, n, D]
+            at = cells = pos
+        w = self.cfg.grid[1]
+        x = x + self.row_emb[cells // w] + self.col_emb[cells % w]  # absolute (row, column) of each position
         rope = self.rope_cos[at], self.rope_sin[at]  # [n, Dh/2]
         for i, block in enumerate(self.blocks):
             x = block(x, pos, rope, context, None if caches is None else caches[i])
