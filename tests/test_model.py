@@ -86,6 +86,13 @@ def test_text_blocks_let_each_word_see_the_caption():
         assert torch.allclose(after[1, 2:], before[1, 2:]) != mixes
 
 
+def test_text_longer_than_max_text_len_fails_clearly():
+    model = small_model(text_depth=1, max_text_len=4)
+    codes, text, mask = batch(length=5)
+    with pytest.raises(ValueError, match=r"text of 5 tokens is longer than this model's max_text_len \(4\)"):
+        model(codes, text, mask)
+
+
 def test_caption_dropout_draws_from_the_torch_rng():
     model = small_model(cond_dropout=0.5).train()
     codes, text, mask = batch(8)

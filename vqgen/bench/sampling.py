@@ -118,11 +118,12 @@ def vqgen_model(spec: BenchSpec) -> Transformer:
 
 def on_grid(model: Transformer, grid: tuple[int, int]) -> Transformer:
     """The same weights on a smaller code grid: a raster prefix of ``model``'s grid, whose rows
-    keep their rotary positions, so each step costs exactly what it costs in the full grid."""
+    keep their rotary and row/column positions, so each step costs exactly what it costs in the
+    full grid."""
     cfg = dataclasses.replace(model.cfg, grid=grid)
     prefix = Transformer(cfg).to(model.bos.device, model.bos.dtype).eval()
     state = model.state_dict()
-    state["row_emb"] = state["row_emb"][: grid[0]]
+    state["row_emb"] = state["row_emb"][: grid[0]]  # the prefix's rows; columns are unchanged
     prefix.load_state_dict(state)
     return prefix
 

@@ -318,6 +318,9 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.grid, cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # [N, Dh/2]
         self.register_buffer("rope_sin", sin, persistent=False)
+        cos, sin = rope_tables((1, cfg.max_text_len + 1), cfg.head_dim, cfg.rope_base)  # 1-D: along the text
+        self.register_buffer("text_rope_cos", cos, persistent=False)  # [1+max_text_len, Dh/2]
+        self.register_buffer("text_rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -367,8 +370,9 @@ class Transformer(nn.Module):
         tokens = torch.cat([self.null.expand(B, 1, -1), self.text_proj(text.to(self.null.dtype))], dim=1)  # [B, 1+L, D]
         mask = rearrange(F.pad(text_mask, (1, 0), value=True), "b s -> b 1 1 s")  # the null token is always attendable
         if self.text_blocks:
-            cos, sin = rope_tables((1, L + 1), self.cfg.head_dim, self.cfg.rope_base)  # 1-D positions along the text
-            rope = cos.to(tokens.device), sin.to(tokens.device)
+            if L + 1 > self.text_rope_cos.shape[0]:
+                raise ValueError(f"text of {L} tokens is longer than this model's max_text_len ({self.cfg.max_text_len})")
+            rope = self.text_rope_cos[: L + 1], self.text_rope_sin[: L + 1]  # [1+L, Dh/2]
             for block in self.text_blocks:
                 tokens = block(tokens, mask, rope)
         return Context(self.text_norm(tokens), mask)

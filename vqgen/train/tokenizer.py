@@ -71,7 +71,7 @@ def make_preview(cfg: Config):
     """Fixed held-out images, reconstructed by the current weights at every preview."""
     dataset = heldout_dataset(cfg.data, num=PREVIEW_IMAGES)
     originals = torch.stack([dataset[i]["image"] for i in range(min(PREVIEW_IMAGES, len(dataset)))])
-    scale = max(1, 128 // cfg.data.resolution)  # 32 px scenes are unreadable at 1:1
+    scale = max(1, 128 // cfg.data.resolution)  # small scenes (24-32 px) are unreadable at 1:1
 
     def preview(model: nn.Module, step: int) -> dict[str, Image.Image]:
         tokenizer: VQTokenizer = model.tokenizer
