@@ -60,13 +60,14 @@ def test_resume_refuses_a_checkpoint_of_another_kind(tmp_path):
         train_toy(tmp_path / "run", {"steps": 4, "batch_size": 8})
 
 
-def test_resume_refuses_a_checkpoint_of_a_sharded_run(tmp_path):
+@pytest.mark.parametrize("layout, writer", [("fsdp", "an FSDP"), ("deepspeed", "a DeepSpeed")])
+def test_resume_refuses_a_checkpoint_of_a_sharded_run(tmp_path, layout, writer):
     train_toy(tmp_path / "run", {"steps": 2, "batch_size": 8})
     state = latest_checkpoint(tmp_path / "run") / "trainer_state.json"
     saved = json.loads(state.read_text())
-    assert saved == {"kind": "toy", "step": 2, "processes": 1, "sharded": False}
-    state.write_text(json.dumps({**saved, "processes": 2, "sharded": True}))  # as an FSDP run writes it
-    with pytest.raises(TrainingError, match="written by an FSDP run of 2 processes, but this is an unsharded run"):
+    assert saved == {"kind": "toy", "step": 2, "processes": 1, "layout": "replicated"}
+    state.write_text(json.dumps({**saved, "processes": 2, "layout": layout}))  # as a sharded run writes it
+    with pytest.raises(TrainingError, match=f"written by {writer} run of 2 processes, but this is an unsharded run"):
         train_toy(tmp_path / "run", {"steps": 4, "batch_size": 8})
 
 

@@ -1,5 +1,6 @@
 """A small regression task for testing the shared training loop, also runnable as a script
-under ``accelerate launch`` (``python tests/toy_task.py OUT STEPS BATCH [key=value ...]``)."""
+under ``accelerate launch``: ``python tests/toy_task.py OUT STEPS BATCH [key=value ...]``, where
+the keys are ``TrainConfig`` fields, or ``kill_step`` (the process sends itself SIGTERM then)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class Regression(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, 1))
         self.poison_step = poison_step  # forward returns NaN at this step
-        self.kill_step = kill_step  # the process sends itself SIGTERM during this step
+        self.kill_step = kill_step  # the process sends itself SIGTERM during this step's first forward
 
     def forward(self, batch: dict, step: int):
         pred = self.net(batch["x"]).squeeze(-1)
@@ -30,6 +31,7 @@ class Regression(nn.Module):
         if step == self.poison_step:
             loss = loss * float("nan")
         if step == self.kill_step:
+            self.kill_step = -1  # once: with gradient accumulation the step has several forwards
             os.kill(os.getpid(), signal.SIGTERM)
         return loss, {"tokens": batch["x"].shape[0], "mae": (pred - batch["y"]).abs().mean()}
 
@@ -58,7 +60,8 @@ def train_toy(out_dir: Path, overrides: dict, **model_kwargs) -> dict:
 if __name__ == "__main__":
     out, steps, batch, *rest = sys.argv[1:]
     extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in rest)}
-    result = train_toy(Path(out), {"steps": int(steps), "batch_size": int(batch), **extra}, dropout=0.0)
+    kill_step = extra.pop("kill_step", -1)
+    result = train_toy(Path(out), {"steps": int(steps), "batch_size": int(batch), **extra}, dropout=0.0, kill_step=kill_step)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -4,12 +4,15 @@ A model family hands the loop a :class:`Task`: one ``nn.Module`` whose ``forward
 returns ``(loss, metrics)``, a pure function ``batches(i, rank, world)`` that says what each
 process reads at micro-step ``i``, and an ``export`` that writes a loadable checkpoint from a
 full state dict. The loop owns everything else, identically for both: Accelerate (DDP, FSDP,
-mixed precision), AdamW with warm-up + cosine, gradient accumulation and clipping, EMA weights,
-NaN handling, atomic checkpoints every N steps and on SIGTERM/Ctrl-C, exact resume, tqdm, wandb.
+DeepSpeed ZeRO 1/2, mixed precision), AdamW with warm-up + cosine, gradient accumulation and
+clipping, EMA weights, NaN handling, atomic checkpoints every N steps and on SIGTERM/Ctrl-C, exact
+resume, tqdm, wandb. What differs between Accelerate's backends lives in ``vqgen.train.backends``.
 
 Under FSDP every process holds only shards of the parameters: the EMA follows each process's
 shards, checkpoints hold one EMA file per process, and the export and previews gather full
-weights with ``accelerator.get_state_dict``, a collective every process takes part in.
+weights with ``accelerator.get_state_dict``, a collective every process takes part in. Under
+DeepSpeed the engine accumulates, clips and steps inside ``accelerator.backward()`` (the
+optimizer's own ``step`` is then a no-op), so the loop's code path is the same.
 
 Exact resume holds because nothing the loop does depends on history it does not save: the
 data position is a function of the step, the learning rate is a function of the step, and the
@@ -39,6 +42,7 @@ from tqdm.auto import tqdm
 
 from vqgen.checkpoint import atomic_write_text, load_weights, save_weights
 from vqgen.config import Config, TrainConfig
+from vqgen.train.backends import check_backend, input_autocast, layout, use_safe_deepspeed_checkpoints
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -98,35 +102,14 @@ def setup_accelerator(train_cfg: TrainConfig, out_dir: Path):
     accelerator = Accelerator(
         cpu=no_gpu,
         mixed_precision=resolve_precision(train_cfg.mixed_precision),
+        gradient_accumulation_steps=train_cfg.grad_accum,  # backward() divides each micro-batch's loss by it
         log_with=log_with,
         project_dir=str(out_dir),
         step_scheduler_with_optimizer=False,
     )
-    check_distributed_type(accelerator)
+    check_backend(accelerator, train_cfg)
     set_seed(train_cfg.seed)  # the same initial weights on every process
     return accelerator
-
-
-def check_distributed_type(accelerator) -> None:
-    """Refuse the Accelerate setups this loop would not train as asked, before any model is built."""
-    from accelerate import __version__ as accelerate_version
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        raise TrainingError(
-            "DeepSpeed is not supported by vqgen's training loop: its engine clips, steps the optimizer and "
-            "accumulates gradients inside accelerator.backward(), which the loop does itself (with its NaN policy "
-            "and EMA). Shard with FSDP instead: accelerate launch --config_file configs/accelerate/fsdp.yaml ..."
-        )
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != DistributedType.FSDP:
-        # Accelerate switches to FSDP only on accelerators (CUDA, XPU, NPU, ...); on CPU it silently
-        # falls back to plain data parallelism, which would not shard anything
-        raise TrainingError(
-            f"the Accelerate config asks for FSDP, but Accelerate {accelerate_version} set up {kind.value} "
-            f"(on {accelerator.device.type}): it runs FSDP only on GPUs and other accelerators. Without one, train "
-            "unsharded over gloo with: accelerate launch --multi_gpu --num_processes N ..."
-        )
 
 
 def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -265,9 +248,7 @@ def _full_state(accelerator, model: nn.Module, ema: EMA | None) -> Iterator[dict
 
 def _is_sharded(accelerator) -> bool:
     """Whether each process holds only shards of the parameters (FSDP)."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP
+    return layout(accelerator) == "fsdp"
 
 
 # --------------------------------------------------------------------------------------
@@ -299,8 +280,8 @@ def _save_checkpoint(accelerator, out_dir: Path, step: int, ema: EMA | None, run
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    # model and optimizer (safetensors, or per-process shards under FSDP) and every process's RNG
-    # states; loaded weights_only
+    # model and optimizer (safetensors; per-process shards under FSDP; DeepSpeed's own files under
+    # DeepSpeed) and every process's RNG states; all loaded weights_only
     accelerator.save_state(str(tmp), safe_serialization=True)
     if ema is not None and sharded:
         save_weights(tmp / _ema_shard_file(accelerator.process_index), ema.state_dict())
@@ -309,7 +290,7 @@ def _save_checkpoint(accelerator, out_dir: Path, step: int, ema: EMA | None, run
         if ema is not None and not sharded:
             save_weights(tmp / EMA_FILE, ema.state_dict())
         run_cfg.save(tmp / "config.json")
-        state = {"kind": kind, "step": step, "processes": accelerator.num_processes, "sharded": sharded}
+        state = {"kind": kind, "step": step, "processes": accelerator.num_processes, "layout": layout(accelerator)}
         atomic_write_text(tmp / "trainer_state.json", json.dumps(state) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -319,20 +300,24 @@ def _save_checkpoint(accelerator, out_dir: Path, step: int, ema: EMA | None, run
     return final
 
 
-def _describe_run(sharded: bool, processes: Any) -> str:
-    return f"an FSDP run of {processes} processes" if sharded else "an unsharded run (single process or DDP)"
+def _describe_run(run_layout: str, processes: Any) -> str:
+    if run_layout == "replicated":
+        return "an unsharded run (single process or DDP)"
+    return f"{'an FSDP' if run_layout == 'fsdp' else 'a DeepSpeed'} run of {processes} processes"
 
 
 def _load_checkpoint(accelerator, path: Path, ema: EMA | None, kind: str) -> int:
     state = json.loads((path / "trainer_state.json").read_text())
     if state.get("kind") != kind:
         raise TrainingError(f"{path} is a {state.get('kind')!r} checkpoint; this run trains a {kind!r}")
-    sharded, world = _is_sharded(accelerator), accelerator.num_processes
-    saved_sharded = state.get("sharded", False)  # absent in checkpoints of unsharded runs from before FSDP support
-    if saved_sharded != sharded or (sharded and state.get("processes") != world):
+    # each process of a sharded run (FSDP, DeepSpeed) holds its own part of the state: the same
+    # layout and number of processes must read it back
+    here, world = layout(accelerator), accelerator.num_processes
+    saved = state.get("layout") or ("fsdp" if state.get("sharded") else "replicated")  # "sharded": older checkpoints
+    if saved != here or (here != "replicated" and state.get("processes") != world):
         raise TrainingError(
-            f"{path} was written by {_describe_run(saved_sharded, state.get('processes'))}, but this is "
-            f"{_describe_run(sharded, world)}; resume with the Accelerate config and number of processes it was "
+            f"{path} was written by {_describe_run(saved, state.get('processes'))}, but this is "
+            f"{_describe_run(here, world)}; resume with the Accelerate config and number of processes it was "
             "written with"
         )
     try:
@@ -343,7 +328,7 @@ def _load_checkpoint(accelerator, path: Path, ema: EMA | None, kind: str) -> int
             "use a new output directory or restore the config saved beside it (config.json)."
         ) from e
     if ema is not None:
-        ema_file = path / (_ema_shard_file(accelerator.process_index) if sharded else EMA_FILE)
+        ema_file = path / (_ema_shard_file(accelerator.process_index) if here == "fsdp" else EMA_FILE)
         if not ema_file.is_file():
             raise TrainingError(f"{path} has no {ema_file.name} but EMA is enabled (ema_decay > 0)")
         ema.load_state_dict(load_weights(ema_file), ema_file)
@@ -384,6 +369,14 @@ def _scalar(v: Any) -> torch.Tensor:
     return v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
 
 
+def _plain_norm(norm: Any) -> torch.Tensor | None:
+    """``accelerator.clip_grad_norm_``'s result as a float tensor: FSDP2 returns a replicated
+    DTensor, DeepSpeed a float (None before its engine has computed one)."""
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return None if norm is None else torch.as_tensor(norm).detach().float()
+
+
 def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Path) -> dict[str, float]:
     """Train ``task.model`` for ``cfg.steps`` optimizer steps (resuming if a checkpoint exists).
 
@@ -402,6 +395,8 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
     groups = (task.param_groups or default_param_groups)(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if layout(accelerator) == "deepspeed":
+        use_safe_deepspeed_checkpoints(model)  # ``model`` is DeepSpeed's engine
     unwrapped = accelerator.unwrap_model(model)
     ema = EMA(unwrapped, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
@@ -442,42 +437,52 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
             for micro in range(cfg.grad_accum):
                 batch = task.batches(step * cfg.grad_accum + micro, rank, world)
                 sync = micro == cfg.grad_accum - 1
+                accelerator.sync_gradients = sync  # DeepSpeed's engine steps in the last micro-batch's backward()
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    loss, metrics = model(batch, step)
+                    with input_autocast(accelerator):
+                        loss, metrics = model(batch, step)
                     (bad,) = flags(not torch.isfinite(loss.detach()).item())
                     if bad:
                         nonfinite = True
                         break
-                    accelerator.backward(loss / cfg.grad_accum)
+                    accelerator.backward(loss)  # divides it by grad_accum
                 metrics_sum["loss"] = metrics_sum.get("loss", 0) + loss.detach().float() / cfg.grad_accum
                 for k, v in metrics.items():
                     metrics_sum[k] = metrics_sum.get(k, 0) + _scalar(v) / (1 if k == "tokens" else cfg.grad_accum)
 
             grad_norm = None
             if not nonfinite:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                if isinstance(grad_norm, DTensor):  # FSDP2: the same norm on every process, as a replicated DTensor
-                    grad_norm = grad_norm.full_tensor()
-                nonfinite = not torch.isfinite(grad_norm).item()
+                grad_norm = _plain_norm(
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                )
+                # under fp16 a non-finite gradient is the loss scaler's overflow: it skips the step itself
+                fp16 = accelerator.mixed_precision == "fp16"
+                nonfinite = grad_norm is not None and not torch.isfinite(grad_norm).item() and not fp16
             if nonfinite:
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.on_nan == "stop":
+                    skipping = "" if layout(accelerator) == "deepspeed" else (
+                        f", or set training.{task.kind}.on_nan=skip to skip such steps")
                     raise TrainingError(
                         f"non-finite loss or gradient at step {step} ({task.kind}); the last good checkpoint "
-                        f"is {latest_checkpoint(out_dir)}. Lower the learning rate, or set "
-                        f"training.{task.kind}.on_nan=skip to skip such steps."
+                        f"is {latest_checkpoint(out_dir)}. Lower the learning rate{skipping}."
                     )
                 skipped += 1
                 accelerator.print(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
             else:
-                optimizer.step()
+                optimizer.step()  # a no-op under DeepSpeed, whose engine stepped inside backward()
                 optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(unwrapped)
-                metrics_sum["grad_norm"] = grad_norm.detach().float()
-                for k, v in metrics_sum.items():
-                    window[k] = window.get(k, 0) + v
-                window_steps += 1
+                if optimizer.step_was_skipped:  # an fp16 overflow: the loss scaler lowered its scale instead
+                    skipped += 1
+                    accelerator.print(f"step {step}: fp16 gradient overflow, step skipped by the loss scaler")
+                else:
+                    if ema is not None:
+                        ema.update(unwrapped)
+                    if grad_norm is not None:
+                        metrics_sum["grad_norm"] = grad_norm
+                    for k, v in metrics_sum.items():
+                        window[k] = window.get(k, 0) + v
+                    window_steps += 1
             step += 1
             bar.update(1)
 
@@ -562,7 +567,7 @@ def _preview(task: Task, model: nn.Module, ema: EMA | None, replica: nn.Module |
             return
         was_training = target.training
         target.eval()
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), input_autocast(accelerator):
             images = task.preview(target, step)
         target.train(was_training)
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
