@@ -51,14 +51,14 @@ def check_backend(accelerator, cfg: TrainConfig) -> None:
                 f"(on {device}): it runs {name} only on GPUs and other accelerators. Without one, train "
                 "unsharded over gloo with: accelerate launch --multi_gpu --num_processes N ..."
             )
-    if layout(accelerator) == "deepspeed":
-        configure_deepspeed(accelerator, cfg)
-    elif accelerator.gradient_accumulation_steps != cfg.grad_accum:
+    if accelerator.gradient_accumulation_steps != cfg.grad_accum:
         raise BackendError(
             f"Accelerate was set up with {accelerator.gradient_accumulation_steps} gradient accumulation steps "
             f"(ACCELERATE_GRADIENT_ACCUMULATION_STEPS), but the run config's grad_accum is {cfg.grad_accum}; "
             "set grad_accum in the run config only"
         )
+    if layout(accelerator) == "deepspeed":
+        configure_deepspeed(accelerator, cfg)
 
 
 # --------------------------------------------------------------------------------------
@@ -104,7 +104,6 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
                 f"the DeepSpeed config sets {key}={given}, but the run config gives {value} ({source}); set it to "
                 '"auto" in the DeepSpeed config (vqgen fills it from the run config) or make the two agree'
             )
-    accelerator.gradient_accumulation_steps = cfg.grad_accum
 
 
 def input_autocast(accelerator) -> contextlib.AbstractContextManager:
