@@ -52,6 +52,25 @@ def test_nan_loss_stops_with_step_or_is_skipped(tmp_path):
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "skip").values())
 
 
+@pytest.mark.parametrize("precision", ["no", "fp16"])
+def test_nan_gradient_with_a_finite_loss_stops_without_a_loss_scaler(tmp_path, precision):
+    """On CPU Accelerate runs fp16 without a loss scaler: a NaN gradient is the NaN policy's, not an overflow."""
+    overrides = {"steps": 6, "batch_size": 8, "mixed_precision": precision}
+    with pytest.raises(TrainingError, match=r"non-finite loss or gradient at step 2 \(toy\)"):
+        train_toy(tmp_path / "stop", overrides, grad_poison_step=2)
+
+
+@pytest.mark.gpu
+def test_fp16_overflow_is_skipped_by_the_loss_scaler(tmp_path):
+    """With fp16 on a GPU the gradient scaler skips an overflowing step and lowers its scale; the
+    NaN policy (default: stop) is for non-finite losses, not for that."""
+    if not torch.cuda.is_available():
+        pytest.skip("fp16 loss scaling needs a CUDA device")
+    result = train_toy(tmp_path / "run", {"steps": 6, "batch_size": 8, "mixed_precision": "fp16"}, grad_poison_step=2)
+    assert result["skipped_steps"] == 1 and result["step"] == 6
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run").values())
+
+
 def test_resume_refuses_a_checkpoint_of_another_kind(tmp_path):
     train_toy(tmp_path / "run", {"steps": 2, "batch_size": 8})
     state = latest_checkpoint(tmp_path / "run") / "trainer_state.json"

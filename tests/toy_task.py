@@ -19,10 +19,11 @@ from vqgen.train.loop import IndexedBatches, Task, fit, setup_accelerator
 
 
 class Regression(nn.Module):
-    def __init__(self, dropout: float = 0.1, poison_step: int = -1, kill_step: int = -1):
+    def __init__(self, dropout: float = 0.1, poison_step: int = -1, kill_step: int = -1, grad_poison_step: int = -1):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, 1))
         self.poison_step = poison_step  # forward returns NaN at this step
+        self.grad_poison_step = grad_poison_step  # the loss stays finite, its gradient is NaN at this step
         self.kill_step = kill_step  # the process sends itself SIGTERM during this step's first forward
 
     def forward(self, batch: dict, step: int):
@@ -30,6 +31,8 @@ class Regression(nn.Module):
         loss = (pred - batch["y"]).pow(2).mean()
         if step == self.poison_step:
             loss = loss * float("nan")
+        if step == self.grad_poison_step:  # adds 0 to the loss; d sqrt(x)/dx at 0 is inf, times 0: NaN
+            loss = loss + (pred * 0).sqrt().sum()
         if step == self.kill_step:
             self.kill_step = -1  # once: with gradient accumulation the step has several forwards
             os.kill(os.getpid(), signal.SIGTERM)

@@ -106,6 +106,13 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
             )
 
 
+def has_loss_scaler(accelerator) -> bool:
+    """Whether an fp16 loss scaler skips overflowing steps by itself: Accelerate's GradScaler
+    (fp16 on GPUs), or DeepSpeed's engine under fp16."""
+    deepspeed_fp16 = layout(accelerator) == "deepspeed" and accelerator.mixed_precision == "fp16"
+    return accelerator.scaler is not None or deepspeed_fp16
+
+
 def input_autocast(accelerator) -> contextlib.AbstractContextManager:
     """Where the model's forward (and previews) runs. Under DeepSpeed bf16/fp16 the engine casts
     the model itself to 16 bits while the inputs (images, text embeddings) stay fp32; autocast

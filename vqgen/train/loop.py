@@ -42,7 +42,13 @@ from tqdm.auto import tqdm
 
 from vqgen.checkpoint import atomic_write_text, load_weights, save_weights
 from vqgen.config import Config, TrainConfig
-from vqgen.train.backends import check_backend, input_autocast, layout, use_safe_deepspeed_checkpoints
+from vqgen.train.backends import (
+    check_backend,
+    has_loss_scaler,
+    input_autocast,
+    layout,
+    use_safe_deepspeed_checkpoints,
+)
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -455,9 +461,9 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
                 grad_norm = _plain_norm(
                     accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 )
-                # under fp16 a non-finite gradient is the loss scaler's overflow: it skips the step itself
-                fp16 = accelerator.mixed_precision == "fp16"
-                nonfinite = grad_norm is not None and not torch.isfinite(grad_norm).item() and not fp16
+                # with a loss scaler a non-finite gradient is its overflow: it skips the step itself
+                finite = grad_norm is None or torch.isfinite(grad_norm).item()
+                nonfinite = not finite and not has_loss_scaler(accelerator)
             if nonfinite:
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.on_nan == "stop":
