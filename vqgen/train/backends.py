@@ -7,15 +7,18 @@ The loop is written once for every backend; this module holds the few facts that
   accumulation that disagrees with the run config, a DeepSpeed setup the loop cannot honour;
 - **DeepSpeed's config**: its batch size, gradient accumulation and clipping are the run
   config's (``"auto"`` in ``configs/accelerate/deepspeed_zero2.json``, filled in here);
+- **precision**: whether a loss scaler skips overflowing fp16 steps by itself, and the autocast
+  a DeepSpeed engine that holds the model in 16 bits needs for fp32 inputs;
 - **DeepSpeed's checkpoints**: its engine writes torch pickles and reads them back with
   ``weights_only=False``; here they are read with ``weights_only=True``, allowing only the
-  three DeepSpeed classes its ZeRO optimizer state holds.
+  few DeepSpeed classes its ZeRO optimizer state holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -114,7 +117,7 @@ def has_loss_scaler(accelerator) -> bool:
 
 
 def input_autocast(accelerator) -> contextlib.AbstractContextManager:
-    """Where the model's forward (and previews) runs. Under DeepSpeed bf16/fp16 the engine casts
+    """The context of the model's forward and of previews. Under DeepSpeed bf16/fp16 the engine casts
     the model itself to 16 bits while the inputs (images, text embeddings) stay fp32; autocast
     runs each matmul and convolution in the 16-bit type, so the two meet. Elsewhere Accelerate
     autocasts itself (its prepared forward), and this is a no-op."""
@@ -142,7 +145,7 @@ def use_safe_deepspeed_checkpoints(engine) -> None:
             try:
                 with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
                     return torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as e:
+            except pickle.UnpicklingError as e:  # what weights_only=True raises for a class it does not allow
                 raise BackendError(f"cannot read the DeepSpeed checkpoint file {path} as weights only: {e}") from e
 
     if not isinstance(engine.checkpoint_engine, TorchCheckpointEngine):
