@@ -52,6 +52,17 @@ def test_nan_loss_stops_with_step_or_is_skipped(tmp_path):
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "skip").values())
 
 
+def test_a_step_skipped_mid_accumulation_leaves_no_gradient_behind(tmp_path):
+    """NaN in the 2nd of 3 micro-batches of step 3: the 1st one's gradient must not leak into step
+    4, so the run ends where one whose step 3 failed at its 1st micro-batch (no backward) ends."""
+    base = {"steps": 6, "batch_size": 8, "grad_accum": 3, "on_nan": "skip"}
+    late = train_toy(tmp_path / "late", base, dropout=0.0, poison_step=3, poison_micro=1)
+    early = train_toy(tmp_path / "early", base, dropout=0.0, poison_step=3, poison_micro=0)
+    assert late["skipped_steps"] == early["skipped_steps"] == 1
+    a, b = weights(tmp_path / "late"), weights(tmp_path / "early")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("precision", ["no", "fp16"])
 def test_nan_gradient_with_a_finite_loss_stops_without_a_loss_scaler(tmp_path, precision):
     """On CPU Accelerate runs fp16 without a loss scaler: a NaN gradient is the NaN policy's, not an overflow."""

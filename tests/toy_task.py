@@ -19,17 +19,22 @@ from vqgen.train.loop import IndexedBatches, Task, fit, setup_accelerator
 
 
 class Regression(nn.Module):
-    def __init__(self, dropout: float = 0.1, poison_step: int = -1, kill_step: int = -1, grad_poison_step: int = -1):
+    def __init__(self, dropout: float = 0.1, poison_step: int = -1, kill_step: int = -1, grad_poison_step: int = -1,
+                 poison_micro: int = 0):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(dropout), nn.Linear(32, 1))
-        self.poison_step = poison_step  # forward returns NaN at this step
+        self.poison_step = poison_step  # forward returns NaN at this step,
+        self.poison_micro = poison_micro  # from this micro-batch of the step on
+        self.step, self.micro = -1, 0  # which forward of which step this is
         self.grad_poison_step = grad_poison_step  # the loss stays finite, its gradient is NaN at this step
         self.kill_step = kill_step  # the process sends itself SIGTERM during this step's first forward
 
     def forward(self, batch: dict, step: int):
         pred = self.net(batch["x"]).squeeze(-1)
         loss = (pred - batch["y"]).pow(2).mean()
-        if step == self.poison_step:
+        self.micro = self.micro + 1 if step == self.step else 0
+        self.step = step
+        if step == self.poison_step and self.micro >= self.poison_micro:
             loss = loss * float("nan")
         if step == self.grad_poison_step:  # adds 0 to the loss; d sqrt(x)/dx at 0 is inf, times 0: NaN
             loss = loss + (pred * 0).sqrt().sum()

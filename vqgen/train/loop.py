@@ -455,6 +455,9 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
                 metrics_sum["loss"] = metrics_sum.get("loss", 0) + loss.detach().float() / cfg.grad_accum
                 for k, v in metrics.items():
                     metrics_sum[k] = metrics_sum.get(k, 0) + _scalar(v) / (1 if k == "tokens" else cfg.grad_accum)
+            # the micro-batches are over, even when a non-finite loss cut them short: zero_grad()
+            # and step() act only at a synced step
+            accelerator.sync_gradients = True
 
             grad_norm = None
             if not nonfinite:
