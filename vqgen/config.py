@@ -132,7 +132,7 @@ class TrainingConfig:
         betas=[0.9, 0.99], grad_clip=0.0, mixed_precision="no", log_every=50, checkpoint_every=500,
     ))
     transformer: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1000, max_minutes=8.0, batch_size=64, lr=2e-3, warmup_steps=100, weight_decay=0.05,
+        steps=1300, max_minutes=8.0, batch_size=64, lr=2e-3, warmup_steps=100, weight_decay=0.05,
         mixed_precision="no", log_every=20, checkpoint_every=250,
     ))
 
