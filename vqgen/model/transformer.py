@@ -50,7 +50,8 @@ from vqgen.config import ConfigError, ModelConfig
 #   B 114.0M vs 110.9M (+2.8%)    L 348.6M vs 342.9M (+1.7%)    XL 779.9M vs 774.7M (+0.7%)
 # `mini` is the demo's: 128 wide, so ~3 steps/s at batch 64 on 2 CPU cores, with two text
 # blocks. On the demo's 24 px shapes, 1,000 steps without text blocks gave 21% exact match on
-# two-object prompts (the attributes of the two objects swapped at random); with them, 67-79%.
+# two-object prompts (the attributes of the two objects swapped at random); with them, 32-80%
+# between runs, and 74-93% at the demo's 1,300 steps.
 # `tiny` is the benchmark's.
 SIZES: dict[str, dict[str, Any]] = {
     "mini": dict(dim=128, depth=4, heads=4, kv_heads=4, mlp_ratio=2.0, text_depth=2),
