@@ -95,6 +95,20 @@ def save_pretrained(
     return directory
 
 
+def training_state(step: int, steps: int) -> dict[str, Any]:
+    """How far a training run got: ``{"step", "steps", "complete"}``."""
+    return {"step": step, "steps": steps, "complete": step >= steps}
+
+
+def record_training_state(directory: str | Path, step: int, steps: int) -> None:
+    """Add ``training_state`` to the exported ``directory/config.json``, so that the export of
+    a run cut short (by ``max_minutes``) says which step it holds and that it is not complete."""
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    config["training_state"] = training_state(step, steps)
+    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+
+
 def load_config_json(directory: str | Path, kind: str) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / "config.json"

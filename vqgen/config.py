@@ -2,20 +2,27 @@
 
 An experiment is a YAML file in ``configs/`` with the sections below. Every key can be
 overridden from the command line as ``section.key=value`` (YAML syntax for the value), and
-an unknown or mistyped key fails fast with the closest valid key. The resolved config is
-saved as JSON beside every run and checkpoint, so any result can be traced to its settings.
+an unknown or mistyped key fails fast with the closest valid key. The defaults here are
+neutral (a 256 px natural-image setup, no wall-clock limit); an experiment's own settings,
+the CPU demo's included, live in its file. The resolved config is saved as JSON beside every
+run and checkpoint, so any result can be traced to its settings, and a resumed run is checked
+against it (``check_resume``). See what a config resolves to before running it:
+
+    python -m vqgen.config configs/natural_f16_vq.yaml [key=value ...]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -33,8 +40,8 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where images and captions come from."""
 
-    kind: str = "shapes"  # shapes | folder | webdataset
-    resolution: int = 24  # square side in pixels; images are resized + center-cropped
+    kind: Literal["shapes", "folder", "webdataset"] = "folder"
+    resolution: int = 256  # square side in pixels; images are resized + center-cropped
     # -- the built-in captioned-shapes set: fresh, deterministic scenes per (seed, index)
     seed: int = 0
     num: int = 20000  # scenes in the fixed training set (indices 0..num-1) when pre-tokenizing
@@ -42,10 +49,10 @@ class DataConfig:
     max_objects: int = 2
     # attribute combinations removed from the training split and kept for the holdout
     # split, e.g. "green triangle", "big circle", "red top left" (see vqgen.data.shapes)
-    holdout: list[str] = field(default_factory=lambda: ["green triangle", "white square"])
+    holdout: list[str] = field(default_factory=list)
     # -- real data
     path: str = ""  # image folder, or a glob / brace pattern of WebDataset tar shards
-    missing_caption: str = "error"  # error | skip | empty (empty = unconditional sample)
+    missing_caption: Literal["error", "skip", "empty"] = "error"  # empty = unconditional sample
     codes: str = ""  # pre-tokenized code shards (python -m vqgen.data encode); empty = encode here
     shuffle_buffer: int = 1000  # webdataset: samples held to shuffle the stream (0 = shard order)
     num_workers: int = 0
@@ -53,37 +60,42 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    """VQ tokenizer: encoder/decoder architecture, quantizer and losses."""
+    """VQ tokenizer: encoder/decoder architecture, quantizer and losses. The defaults are
+    LlamaGen's f16 recipe: 256 px -> 16 x 16 codes of a 16,384-code, 8-dim l2-normalised VQ."""
 
-    encoder: str = "patch"  # patch (each code sees only its patch) | conv (VQGAN-style)
-    downsample: int = 4  # 4 | 8 | 16
-    channels: int = 16  # base width of the conv stacks
+    encoder: Literal["patch", "conv"] = "conv"  # patch: each code sees only its patch; conv: VQGAN-style
+    downsample: Literal[4, 8, 16] = 16
+    channels: int = 128  # base width of the conv stacks
     # width multiplier per resolution level, input resolution first: log2(downsample) + 1 entries
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
-    num_res_blocks: int = 1
-    attention: bool = False  # self-attention at the lowest resolution (conv encoder)
-    latent_dim: int = 4  # channels entering the quantizer
-    quantizer: str = "fsq"  # fsq | vq
-    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
-    codebook_size: int = 1024  # vq only
+    channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    attention: bool = True  # self-attention at the lowest resolution (conv encoder)
+    latent_dim: int = 256  # channels entering the quantizer
+    quantizer: Literal["fsq", "vq"] = "vq"
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # fsq only
+    codebook_size: int = 16384  # vq only
     codebook_dim: int = 8  # vq only: low-dimensional, l2-normalised codes
     commitment_weight: float = 0.25  # vq only
     kmeans_init: bool = True  # vq only
     dead_code_threshold: float = 2.0  # vq only: EMA count under which a code is restarted
     # losses
     l1_weight: float = 1.0
-    l2_weight: float = 1.0
+    l2_weight: float = 0.0
     perceptual_weight: float = 0.0  # LPIPS; needs local weights (lpips_path)
     lpips_path: str = ""
     gan_weight: float = 0.0  # PatchGAN hinge loss with adaptive weight; 0 = off
     gan_start_step: int = 0
 
 
+# the names of vqgen.model.SIZES (a test keeps the two in step)
+ModelSize = Literal["mini", "tiny", "B", "L", "XL"]
+
+
 @dataclass
 class ModelConfig:
     """Decoder-only transformer over image codes with cross-attention to text."""
 
-    size: str = "mini"  # a name from vqgen.model.SIZES; the fields below override it when set
+    size: ModelSize = "B"  # the fields below override the size's values when set
     dim: int | None = None
     depth: int | None = None
     heads: int | None = None
@@ -92,8 +104,8 @@ class ModelConfig:
     text_depth: int | None = None  # trainable self-attention blocks over the projected caption
     rope_base: float = 10000.0  # 2-D rotary embeddings over the code grid
     dropout: float = 0.0
-    text_encoder: str = "all-minilm-l6-v2"  # hub name, local path, or a packaged alias
-    max_text_len: int = 32
+    text_encoder: str = "all-minilm-l6-v2"  # hub name, local path, or a packaged alias (works offline)
+    max_text_len: int = 77
     cond_dropout: float = 0.1  # caption dropout probability, for classifier-free guidance
     tokenizer: str = ""  # tokenizer checkpoint dir; default <run>/tokenizer
     text_cache: str = ""  # embedding cache dir; default <transformer dir>/text_cache
@@ -103,38 +115,32 @@ class ModelConfig:
 class TrainConfig:
     """One training loop (the tokenizer's or the transformer's)."""
 
-    steps: int = 1000
+    steps: int = 100_000
     max_minutes: float = 0.0  # stop early at this wall time (0 = no limit); step count rules resume
     batch_size: int = 64  # per process
     grad_accum: int = 1
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int = 1000
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     ema_decay: float = 0.0  # 0 = no EMA weights
-    checkpoint_every: int = 500
-    log_every: int = 10
+    checkpoint_every: int = 1000
+    log_every: int = 50
     sample_every: int = 0  # sample/reconstruction grid every N steps (0 = only at the end)
     seed: int = 0
-    on_nan: str = "stop"  # stop | skip
-    report_to: str = "none"  # none | wandb (offline unless WANDB_MODE says otherwise)
+    on_nan: Literal["stop", "skip"] = "stop"
+    report_to: Literal["none", "wandb"] = "none"  # wandb runs offline unless WANDB_MODE says otherwise
 
 
 @dataclass
 class TrainingConfig:
-    """The defaults are the demo's: each stage fits its share of ~15 minutes on 2 CPU cores."""
+    """The two training loops; each section starts from the same neutral ``TrainConfig``."""
 
-    tokenizer: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=2400, max_minutes=3.5, batch_size=16, lr=5e-3, warmup_steps=50, weight_decay=0.0,
-        betas=[0.9, 0.99], grad_clip=0.0, mixed_precision="no", log_every=50, checkpoint_every=500,
-    ))
-    transformer: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1300, max_minutes=8.0, batch_size=64, lr=2e-3, warmup_steps=100, weight_decay=0.05,
-        mixed_precision="no", log_every=20, checkpoint_every=250,
-    ))
+    tokenizer: TrainConfig = field(default_factory=TrainConfig)
+    transformer: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass
@@ -143,7 +149,7 @@ class SamplingConfig:
     temperature: float = 0.5
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    cfg_schedule: str = "constant"  # constant | linear (guidance ramps from 1 to cfg_scale)
+    cfg_schedule: Literal["constant", "linear"] = "constant"  # linear: guidance ramps from 1 to cfg_scale
     num_images: int = 1  # per prompt
     seed: int = 0  # image i of every prompt uses seed + i
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
@@ -200,6 +206,8 @@ def _unknown_key(key: str, root: type) -> ConfigError:
 def _coerce(value: Any, t: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``t`` (ints widen to floats)."""
     origin = typing.get_origin(t)
+    if origin is Literal:
+        return _choice(value, typing.get_args(t), key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(t)
         if value is None and type(None) in args:
@@ -310,34 +318,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-_CHOICES = {
-    "data.kind": ("shapes", "folder", "webdataset"),
-    "data.missing_caption": ("error", "skip", "empty"),
-    "tokenizer.encoder": ("patch", "conv"),
-    "tokenizer.quantizer": ("fsq", "vq"),
-    "tokenizer.downsample": (4, 8, 16),
-    "training.tokenizer.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "training.transformer.mixed_precision": ("auto", "no", "bf16", "fp16"),
-    "training.tokenizer.on_nan": ("stop", "skip"),
-    "training.transformer.on_nan": ("stop", "skip"),
-    "training.tokenizer.report_to": ("none", "wandb"),
-    "training.transformer.report_to": ("none", "wandb"),
-    "sampling.cfg_schedule": ("constant", "linear"),
-}
+def _choice(value: Any, choices: tuple, key: str) -> Any:
+    """``value`` if it is one of a ``Literal``'s ``choices`` (of the same type: 4.0 is not 4)."""
+    if isinstance(value, bool) and all(isinstance(c, str) for c in choices):
+        value = "yes" if value else "no"  # YAML 1.1 reads a bare no/off as false
+    if not any(value == c and type(value) is type(c) for c in choices):
+        raise ConfigError(f"config key '{key}' is {value!r}; choose one of {list(choices)}")
+    return value
 
 
-def get_dotted(cfg: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+def field_choices(cls: type, name: str) -> tuple:
+    """The choices a ``Literal`` field of dataclass ``cls`` declares, e.g. for a CLI flag."""
+    return typing.get_args(_resolved_hints(cls)[name])
+
+
+def _check_choices(obj: Any, prefix: str = "") -> None:
+    """Every ``Literal`` field of dataclass ``obj`` (and of its sections) holds one of its choices."""
+    for name, t in _resolved_hints(type(obj)).items():
+        value = getattr(obj, name)
+        if typing.get_origin(t) is Literal:
+            _choice(value, typing.get_args(t), prefix + name)
+        elif dataclasses.is_dataclass(t):
+            _check_choices(value, prefix + name + ".")
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express."""
-    for key, choices in _CHOICES.items():
-        value = get_dotted(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}' is {value!r}; choose one of {list(choices)}")
+    """The choices of every ``Literal`` field (also for a config built in code), then the value
+    checks that types alone cannot express."""
+    _check_choices(cfg)
     if not 1 <= cfg.data.min_objects <= cfg.data.max_objects:
         raise ConfigError("config keys 'data.min_objects' <= 'data.max_objects' must hold, both >= 1")
     if not 0 < cfg.sampling.top_p <= 1:
@@ -347,3 +355,127 @@ def validate(cfg: Config) -> None:
             f"config key 'data.resolution' ({cfg.data.resolution}) must be a multiple of "
             f"'tokenizer.downsample' ({cfg.tokenizer.downsample})"
         )
+
+
+def resolve_run(
+    path: str | Path | None, overrides: list[str] | None = None, out: str | Path | None = None,
+    report_to: str | None = None,
+) -> Config:
+    """The config ``train.py`` runs: the file, its ``key=value`` overrides, then ``--report-to``
+    (both training stages) and ``--out`` (``out_dir``)."""
+    overrides = list(overrides or [])
+    if report_to:
+        overrides += [f"training.tokenizer.report_to={report_to}", f"training.transformer.report_to={report_to}"]
+    if out:
+        overrides.append(f"out_dir={out}")
+    return load_config(path, overrides)
+
+
+# --------------------------------------------------------------------------------------
+# Resume: the saved config against the one a restarted run resolves to
+# --------------------------------------------------------------------------------------
+
+# keys that may differ when a run resumes: how long it runs, how often it logs and saves, where
+# it reports, what it does after a NaN, where caches live, what previews show (fnmatch patterns)
+MAY_CHANGE_ON_RESUME = (
+    "name",
+    "out_dir",
+    "data.num_workers",
+    "model.text_cache",
+    "sampling.*",
+    "training.*.steps",
+    "training.*.max_minutes",
+    "training.*.checkpoint_every",
+    "training.*.log_every",
+    "training.*.sample_every",
+    "training.*.report_to",
+    "training.*.on_nan",
+)
+# sections a stage does not read: the transformer loads a trained tokenizer from its checkpoint
+NOT_READ_BY = {
+    "tokenizer": ("model.*", "training.transformer.*"),
+    "transformer": ("tokenizer.*", "training.tokenizer.*"),
+}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, prefix + key + ".")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resume_changes(saved: dict[str, Any], current: dict[str, Any], kind: str) -> tuple[list[str], list[str]]:
+    """Compare the config a run was started with (``saved``, as ``Config.to_dict()`` wrote it)
+    with the one it resumes with, for stage ``kind`` ("tokenizer", "transformer", or another
+    task, which reads every section). Returns ``(refused, allowed)``: one ``"key: old -> new"``
+    line per changed key, those that would change what the run computes (data, model,
+    optimizer, batch size, ...) and those listed in ``MAY_CHANGE_ON_RESUME``. A key the saved
+    config lacks (written before the key existed) counts as unchanged at its default."""
+    ignored = NOT_READ_BY.get(kind, ())
+    before, after = _flatten(saved), _flatten(current)
+    defaults = _flatten(Config().to_dict())
+    refused, allowed = [], []
+    for key, new in after.items():
+        old = before.get(key, defaults.get(key, new))
+        if old == new or any(fnmatch.fnmatchcase(key, p) for p in ignored):
+            continue
+        line = f"{key}: {old!r} -> {new!r}"
+        (allowed if any(fnmatch.fnmatchcase(key, p) for p in MAY_CHANGE_ON_RESUME) else refused).append(line)
+    return refused, allowed
+
+
+def check_resume(saved_path: str | Path, cfg: Config, kind: str) -> list[str]:
+    """Refuse to resume from a checkpoint whose saved config (``saved_path``) differs from
+    ``cfg`` in a key that changes the run, naming every such key; returns the allowed changes
+    (``"key: old -> new"``) for the log. A checkpoint without a saved config passes."""
+    saved_path = Path(saved_path)
+    if not saved_path.is_file():
+        return []
+    try:
+        saved = json.loads(saved_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"cannot parse {saved_path}: {e}") from e
+    refused, allowed = resume_changes(saved, cfg.to_dict(), kind)
+    if refused:
+        raise ConfigError(
+            f"resuming from {saved_path.parent} would change the run it holds (its config: {saved_path}):\n  " + "\n  ".join(refused) + "\nRestore these values to resume, or give "
+            "the new config its own output directory (--out DIR). Only these keys may change on resume: "
+            + ", ".join(MAY_CHANGE_ON_RESUME)
+        )
+    return allowed
+
+
+# --------------------------------------------------------------------------------------
+# python -m vqgen.config CONFIG [key=value ...]
+# --------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the config a run resolves to, as JSON (what ``train.py`` would run)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vqgen.config",
+        description="Print the resolved config as JSON: the file, then the overrides, exactly as train.py resolves it.",
+    )
+    parser.add_argument("config", type=Path, help="experiment YAML (or a saved config.json)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.transformer.lr=1e-3")
+    parser.add_argument("--out", type=Path, help="output directory, as train.py --out sets it")
+    parser.add_argument("--report-to", choices=field_choices(TrainConfig, "report_to"),
+                        help="as train.py --report-to sets it")
+    args = parser.parse_args(argv)
+    try:
+        cfg = resolve_run(args.config, args.overrides, args.out, args.report_to)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -134,14 +134,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.seed=3")
 
 
-def _data_config(args: argparse.Namespace, resolution: int) -> DataConfig:
+def _data_config(args: argparse.Namespace, resolution: int, downsample: int) -> DataConfig:
     run_config = Path(args.checkpoint) / "run_config.json"
     if args.data is not None:
         cfg = load_config(args.data, args.overrides)
     elif run_config.is_file():
         cfg = load_config(run_config, args.overrides)
     else:
-        cfg = load_config(None, [f"data.resolution={resolution}", *args.overrides])
+        shapes = ["data.kind=shapes", f"data.resolution={resolution}", f"tokenizer.downsample={downsample}"]
+        cfg = load_config(None, [*shapes, *args.overrides])
     if cfg.data.resolution != resolution:
         raise ConfigError(
             f"data.resolution is {cfg.data.resolution} but the tokenizer in {args.checkpoint} was built "
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = VQTokenizer.from_pretrained(args.checkpoint, device=device)
-    data_cfg = _data_config(args, tokenizer.resolution)
+    data_cfg = _data_config(args, tokenizer.resolution, tokenizer.cfg.downsample)
     report = evaluate_tokenizer(tokenizer, heldout_dataset(data_cfg, args.num), args.batch_size)
     text = json.dumps(report, indent=2)
     print(text)

@@ -291,6 +291,7 @@ class VQTokenizer(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VQTokenizer":
         """Load a tokenizer written by ``save_pretrained``, in eval mode."""
         config = load_config_json(directory, KIND)
+        config.pop("training_state", None)  # how far training got, not part of the architecture
         resolution = config.pop("resolution", None)
         if not isinstance(resolution, int):
             raise CheckpointError(f"{Path(directory) / 'config.json'} lacks an integer 'resolution'")

@@ -1,11 +1,14 @@
 """``python train.py {tokenizer,transformer,demo}`` (also under ``accelerate launch``).
 
-    python train.py tokenizer   --config configs/shapes.yaml [key=value ...] [--out DIR]
-    python train.py transformer --config configs/shapes.yaml [key=value ...] [--out DIR]
-    python train.py demo [--out runs/demo] [--config ...] [key=value ...]
+    python train.py tokenizer   --config configs/natural_f16_vq.yaml [key=value ...] [--out DIR]
+    python train.py transformer --config configs/natural_t2i_B.yaml [key=value ...] [--out DIR]
+    python train.py demo [--out runs/demo] [--config configs/shapes.yaml] [key=value ...]
 
-Without ``--config`` the built-in defaults apply (the tiny CPU setup on the shapes set).
-Every run resumes from its latest checkpoint when started again with the same output dir.
+``tokenizer`` and ``transformer`` need ``--config``: every experiment is a file (the defaults
+behind it are neutral, see ``python -m vqgen.config FILE`` for what it resolves to). ``demo``
+runs the CPU demo of ``configs/shapes.yaml`` unless given another config. Every run resumes
+from its latest checkpoint when started again with the same output directory; a resumed run
+refuses config changes that would alter it (only lengths, intervals and reporting may change).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from pathlib import Path
 
 from vqgen.checkpoint import CheckpointError
-from vqgen.config import Config, ConfigError, load_config
+from vqgen.config import Config, ConfigError, TrainConfig, field_choices, resolve_run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,22 +30,25 @@ def _parser() -> argparse.ArgumentParser:
         ("demo", "tokenizer + transformer + samples + adherence report on the shapes set"),
     ]:
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", type=Path, help="experiment YAML (default: built-in tiny shapes config)")
+        if name == "demo":
+            p.add_argument("--config", type=Path, help="experiment YAML (default: configs/shapes.yaml, the CPU demo)")
+        else:
+            p.add_argument("--config", type=Path, required=True,
+                           help="experiment YAML, e.g. configs/shapes.yaml (print what it resolves to: python -m vqgen.config FILE)")
         p.add_argument("--out", type=Path, help="output directory (default: the config's out_dir, or runs/demo)")
-        p.add_argument("--report-to", choices=["none", "wandb"], help="experiment tracking (wandb runs offline by default)")
+        p.add_argument("--report-to", choices=field_choices(TrainConfig, "report_to"), help="experiment tracking (wandb runs offline by default)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.transformer.lr=1e-3")
     return parser
 
 
 def resolve(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides)
-    if args.report_to:
-        overrides += [f"training.tokenizer.report_to={args.report_to}", f"training.transformer.report_to={args.report_to}"]
-    if args.out:
-        overrides.append(f"out_dir={args.out}")
-    elif args.command == "demo" and args.config is None:
-        overrides.append("out_dir=runs/demo")
-    return load_config(args.config, overrides)
+    """The run's config; ``python -m vqgen.config`` prints the same resolution."""
+    path, out = args.config, args.out
+    if args.command == "demo" and path is None:
+        from vqgen.train.demo import demo_config_path
+
+        path, out = demo_config_path(), out or Path("runs/demo")
+    return resolve_run(path, args.overrides, out, args.report_to)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,5 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if PartialState().is_main_process:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"{args.command} done: {summary}")
+        train_cfg = getattr(cfg.training, args.command)
+        if metrics["stopped_early"]:
+            print(f"{args.command} stopped early at step {metrics['step']} of {train_cfg.steps}: "
+                  f"training.{args.command}.max_minutes={train_cfg.max_minutes} reached; the export holds step "
+                  f"{metrics['step']} (run the same command again to continue): {summary}")
+        else:
+            print(f"{args.command} done: {summary}")
     return 0

@@ -22,10 +22,25 @@ import time
 from pathlib import Path
 
 from vqgen.checkpoint import atomic_write_text
-from vqgen.config import Config
+from vqgen.config import Config, ConfigError
 
+DEMO_CONFIG = Path("configs") / "shapes.yaml"  # the demo's CPU settings, in the repository
 EVAL_SEED = 10_000  # scenes for evaluation prompts come from a seed training never uses
 EVAL_PROMPTS = 200  # per prompt set
+
+
+def demo_config_path() -> Path:
+    """``configs/shapes.yaml`` of the checkout this package runs from, else of the working directory."""
+    import vqgen
+
+    candidates = [Path(vqgen.__file__).resolve().parent.parent / DEMO_CONFIG, Path.cwd() / DEMO_CONFIG]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"the demo's config {DEMO_CONFIG} was not found (looked in {', '.join(str(p.parent) for p in candidates)}); "
+        "run from a checkout of the repository, or pass --config PATH"
+    )
 
 
 def evaluation_prompts(cfg: Config, training_captions: set[str], num: int = EVAL_PROMPTS) -> dict[str, list[str]]:
@@ -85,10 +100,11 @@ def run_demo(cfg: Config, out: Path) -> dict:
     with stage("tokenizer", seconds):
         tok = train_tokenizer(cfg, out / "tokenizer")
     report["tokenizer"] = {k.removeprefix("eval_"): v for k, v in tok.items() if k.startswith("eval_")}
+    report["tokenizer"]["training_state"] = tok["training_state"]
 
     with stage("transformer", seconds):
         tr = train_transformer(cfg, out / "transformer")
-    report["transformer"] = {k: tr[k] for k in ("final_loss", "unigram_loss", "step", "tokens_per_s") if k in tr}
+    report["transformer"] = {k: tr[k] for k in ("final_loss", "unigram_loss", "step", "tokens_per_s", "training_state") if k in tr}
 
     pipeline = Pipeline.from_pretrained(out / "transformer")
     options = dict(cfg_scale=cfg.sampling.cfg_scale, temperature=cfg.sampling.temperature,
@@ -111,6 +127,10 @@ def run_demo(cfg: Config, out: Path) -> dict:
 
     report["seconds"] = seconds | {"total": round(sum(seconds.values()), 1)}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    for name in ("tokenizer", "transformer"):
+        state = report[name]["training_state"]
+        if not state["complete"]:
+            print(f"\n{name}: stopped at step {state['step']} of {state['steps']} (training.{name}.max_minutes reached)")
     print("\nadherence exact: " + ", ".join(f"{k} {v['exact']:.1%}" for k, v in report["adherence"].items()))
     print(f"samples: {out / 'samples.png'}\nreport:  {out / 'report.json'}\ntotal:   {report['seconds']['total']:.0f} s")
     return report

@@ -40,8 +40,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from vqgen.checkpoint import atomic_write_text, load_weights, save_weights
-from vqgen.config import Config, TrainConfig
+from vqgen.checkpoint import atomic_write_text, load_weights, record_training_state, save_weights
+from vqgen.config import Config, TrainConfig, check_resume
 from vqgen.train.backends import (
     check_backend,
     has_loss_scaler,
@@ -390,6 +390,10 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
     """
     out_dir = Path(out_dir)
     main = accelerator.is_main_process
+    previous = latest_checkpoint(out_dir)
+    if previous is not None:  # before anything is written: a config that would change the run is refused
+        for change in check_resume(previous / "config.json", run_cfg, task.kind):
+            accelerator.print(f"resuming with {change}")
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         run_cfg.save(out_dir / "run_config.json")
@@ -530,6 +534,7 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
     with _full_state(accelerator, model, ema) as state:  # every process: a collective under FSDP
         if main:
             task.export(state, out_dir)
+            record_training_state(out_dir, step, cfg.steps)  # a run cut short says so in its export
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if stop.requested:

@@ -7,7 +7,9 @@ different seed. Other data (an image folder) is read as epochs of seeded permuta
 
 ``out_dir`` becomes the tokenizer's own directory: checkpoints/, samples/, log.jsonl while
 training, then ``config.json`` + ``model.safetensors`` (loadable with
-``VQTokenizer.from_pretrained(out_dir)``) and ``report.json`` with held-out metrics.
+``VQTokenizer.from_pretrained(out_dir)``) and ``report.json`` with held-out metrics. Both record
+``training_state`` (step reached, steps asked for, complete): a run cut short by ``max_minutes``
+exports the weights of the step it reached and says so.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from einops import rearrange
 from PIL import Image
 from torch import nn
 
-from vqgen.checkpoint import atomic_write_text, substate
+from vqgen.checkpoint import atomic_write_text, substate, training_state
 from vqgen.config import Config, ConfigError
 from vqgen.data.loaders import build_dataset
 from vqgen.eval.tokenizer import evaluate_tokenizer, heldout_dataset
@@ -102,10 +104,12 @@ def train_tokenizer(cfg: Config, out_dir: Path, eval_num: int = 512) -> dict:
     accelerator = setup_accelerator(train_cfg, out_dir)
     task = build_task(cfg)
     metrics = fit(accelerator, task, train_cfg, cfg, out_dir)
+    metrics["training_state"] = training_state(metrics["step"], train_cfg.steps)
     if accelerator.is_main_process and eval_num > 0:
         tokenizer = VQTokenizer.from_pretrained(out_dir, device=accelerator.device)
         report = evaluate_tokenizer(tokenizer, heldout_dataset(cfg.data, num=eval_num), train_cfg.batch_size)
+        report["training_state"] = metrics["training_state"]
         atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-        metrics |= {f"eval_{k}": v for k, v in report.items()}
+        metrics |= {f"eval_{k}": v for k, v in report.items() if k != "training_state"}
     # no barrier here: fit() has ended training (and the process group); other ranks just return
     return metrics

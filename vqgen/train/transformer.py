@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqgen.checkpoint import atomic_write_text, substate
+from vqgen.checkpoint import atomic_write_text, substate, training_state
 from vqgen.config import Config, ConfigError
 from vqgen.model import Transformer, TransformerConfig
 from vqgen.train.loop import IndexedBatches, Task, fit, setup_accelerator
@@ -123,7 +123,7 @@ def make_preview(cfg: Config, encoder, tokenizer):
 
 def train_transformer(cfg: Config, out_dir: Path) -> dict:
     """Train (or resume) the transformer into ``out_dir``; returns the final training metrics
-    plus ``unigram_loss`` (also written to ``<out_dir>/report.json``)."""
+    plus ``unigram_loss`` and ``training_state`` (also written to ``<out_dir>/report.json``)."""
     from vqgen.tokenizer import VQTokenizer
 
     out_dir = Path(out_dir)
@@ -154,6 +154,7 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
         param_groups=lambda model, wd: model.transformer.param_groups(wd),
     )
     metrics = fit(accelerator, task, train_cfg, cfg, out_dir)
+    metrics["training_state"] = training_state(metrics["step"], train_cfg.steps)
     metrics["unigram_loss"] = unigram_loss(shards)
     metrics["final_loss"] = metrics.get("loss", math.nan)
     if accelerator.is_main_process:
