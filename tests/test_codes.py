@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +17,18 @@ from vqgen.data.shapes import ShapesDataset
 from vqgen.tokenizer import VQTokenizer
 
 NUM = 10  # shapes scenes -> shards of 4, 4, 2
+SHAPES = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"
+
+
+def small_tokenizer_config() -> TokenizerConfig:
+    """The demo's tokenizer (patch encoder, f4, FSQ of 1,000 codes), narrower."""
+    return load_config(SHAPES, ["tokenizer.channels=8", "tokenizer.channel_mult=[1, 1, 2]"]).tokenizer
 
 
 @pytest.fixture()
 def setup(tmp_path):
     torch.manual_seed(0)
-    cfg = TokenizerConfig(channels=8, channel_mult=[1, 1, 2])
-    tokenizer = VQTokenizer(cfg, 32).eval()
+    tokenizer = VQTokenizer(small_tokenizer_config(), 32).eval()
     tokenizer.save_pretrained(tmp_path / "tok")
     data = tmp_path / "data.yaml"
     data.write_text(yaml.safe_dump({"data": {"kind": "shapes", "resolution": 32, "num": NUM, "seed": 3}}))
@@ -69,7 +75,7 @@ def test_encode_refuses_to_mix_tokenizers(setup):
     tmp_path, _, data = setup
     encode(tmp_path, data)
     torch.manual_seed(1)
-    VQTokenizer(TokenizerConfig(channels=8, channel_mult=[1, 1, 2]), 32).save_pretrained(tmp_path / "tok")
+    VQTokenizer(small_tokenizer_config(), 32).save_pretrained(tmp_path / "tok")
     with pytest.raises(CodeShardsError, match="already holds codes made with different tokenizer_sha256"):
         encode_dataset(tmp_path / "tok", load_config(data).data, tmp_path / "codes", shard_size=4)
 

@@ -1,10 +1,29 @@
-"""Typed config: YAML + overrides, unknown keys named with a suggestion, values checked."""
+"""Typed config: YAML + overrides, unknown keys named with a suggestion, values checked against
+the choices declared on the fields, neutral defaults, the resolved-config CLI, the resume check."""
 
 import json
+import subprocess
+import sys
+import typing
+from pathlib import Path
 
 import pytest
+import yaml
 
-from vqgen.config import Config, ConfigError, load_config
+from vqgen.config import (
+    Config,
+    ConfigError,
+    ModelSize,
+    TokenizerConfig,
+    check_resume,
+    load_config,
+    main as config_main,
+    resume_changes,
+    validate,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / "configs" / "shapes.yaml"
 
 
 def test_yaml_and_overrides_resolve_in_order(tmp_path):
@@ -14,7 +33,7 @@ def test_yaml_and_overrides_resolve_in_order(tmp_path):
     assert cfg.name == "exp" and cfg.data.resolution == 64
     assert cfg.training.transformer.lr == 2e-4  # the override wins; "2e-4" read as a float
     assert cfg.data.holdout == ["green triangle", "center"]
-    assert cfg.training.tokenizer.lr == Config().training.tokenizer.lr  # untouched sections keep defaults
+    assert cfg.training.tokenizer == Config().training.tokenizer  # untouched sections keep the defaults
 
 
 def test_unknown_key_is_named_with_the_closest_valid_key(tmp_path):
@@ -31,7 +50,12 @@ def test_unknown_key_is_named_with_the_closest_valid_key(tmp_path):
     [
         ("data.resolution=big", "config key 'data.resolution' expects int, got 'big'"),
         ("model.cond_dropout=[1]", "config key 'model.cond_dropout' expects float"),
-        ("tokenizer.quantizer=lfq", "config key 'tokenizer.quantizer' is 'lfq'; choose one of"),
+        ("tokenizer.quantizer=lfq", "config key 'tokenizer.quantizer' is 'lfq'; choose one of ['fsq', 'vq']"),
+        ("tokenizer.downsample=6", "config key 'tokenizer.downsample' is 6; choose one of [4, 8, 16]"),
+        ("tokenizer.downsample=8.0", "config key 'tokenizer.downsample' is 8.0; choose one of [4, 8, 16]"),
+        ("model.size=huge", "config key 'model.size' is 'huge'; choose one of ['mini', 'tiny', 'B', 'L', 'XL']"),
+        ("training.transformer.on_nan=ignore", "config key 'training.transformer.on_nan' is 'ignore'"),
+        ("data.kind=lmdb", "config key 'data.kind' is 'lmdb'; choose one of ['shapes', 'folder', 'webdataset']"),
         ("sampling.top_p=1.5", "'sampling.top_p' must lie in (0, 1]"),
         ("data.resolution=30", "'data.resolution' (30) must be a multiple of 'tokenizer.downsample'"),
         ("training=3", "config section 'training' must be a mapping"),
@@ -52,26 +76,116 @@ def test_saved_config_loads_back_identically(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"]["dim"] == 96
 
 
-def test_shipped_configs_load():
-    from pathlib import Path
+def test_choices_are_declared_once_on_the_fields():
+    from vqgen.model.transformer import SIZES
 
-    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-    assert configs, "configs/ holds no experiment"
-    for path in configs:
-        load_config(path)
-
-
-def test_shapes_config_spells_out_the_builtin_defaults():
-    from pathlib import Path
-
-    shipped = load_config(Path(__file__).parent.parent / "configs" / "shapes.yaml")
-    assert shipped == load_config(None, ["name=shapes", "out_dir=runs/shapes"])
+    assert set(typing.get_args(ModelSize)) == set(SIZES)
+    # YAML 1.1 reads a bare `no` as false: it still means the choice "no"
+    cfg = load_config(None, ["training.tokenizer.mixed_precision=no", "training.transformer.mixed_precision=bf16"])
+    assert (cfg.training.tokenizer.mixed_precision, cfg.training.transformer.mixed_precision) == ("no", "bf16")
+    # a config built in code is checked against the same declaration
+    with pytest.raises(ConfigError, match=r"config key 'tokenizer.quantizer' is 'lfq'; choose one of \['fsq', 'vq'\]"):
+        validate(Config(tokenizer=TokenizerConfig(quantizer="lfq")))
 
 
-def test_overriding_one_key_keeps_the_rest_of_its_sections_defaults():
-    cfg = load_config(None, ["training.tokenizer.steps=5", "training.transformer.lr=1e-4"])
-    default = Config()
-    assert cfg.training.tokenizer.steps == 5 and cfg.training.transformer.lr == 1e-4
-    # the two training sections have different defaults; an override must not reset them
-    assert cfg.training.tokenizer.lr == default.training.tokenizer.lr != default.training.transformer.lr
-    assert cfg.training.transformer.max_minutes == default.training.transformer.max_minutes > 0
+def test_defaults_are_neutral_not_the_demo():
+    """The CPU demo's settings live in configs/shapes.yaml only: a config that leaves a key
+    out never inherits the demo's value for it."""
+    default, demo = Config(), load_config(SHAPES)
+    for stage in ("tokenizer", "transformer"):
+        neutral, cpu = getattr(default.training, stage), getattr(demo.training, stage)
+        assert neutral.max_minutes == 0 and cpu.max_minutes > 0
+        assert neutral.steps != cpu.steps and neutral.mixed_precision == "auto" != cpu.mixed_precision
+    assert default.model.size == "B" != demo.model.size
+    assert (default.data.kind, default.data.resolution, default.data.holdout) == ("folder", 256, [])
+    assert (default.tokenizer.downsample, default.tokenizer.quantizer, default.tokenizer.codebook_size) == (16, "vq", 16384)
+    validate(default)
+
+
+def shipped_configs() -> list[Path]:
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert SHAPES in configs and len(configs) > 1, "configs/ holds no experiment besides the demo"
+    return [p for p in configs if p != SHAPES]
+
+
+@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.name)
+def test_shipped_config_resolves_to_what_it_says(path, capsys):
+    """`python -m vqgen.config FILE`: no wall-clock limit, the model size the file names, and
+    no key holding the demo's value unless the file sets it."""
+    assert config_main([str(path)]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    raw = yaml.safe_load(path.read_text())
+    for stage in ("tokenizer", "transformer"):
+        assert resolved["training"][stage]["max_minutes"] == 0
+    size = raw.get("model", {}).get("size")
+    if size is not None:
+        assert resolved["model"]["size"] == size and path.stem.endswith(f"_{size}")
+    demo, default = flatten(load_config(SHAPES).to_dict()), flatten(Config().to_dict())
+    given = flatten(raw)
+    inherited = [k for k, v in flatten(resolved).items() if k not in given and v == demo[k] != default[k]]
+    assert not inherited
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out |= flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+def test_config_cli_prints_what_train_py_runs(tmp_path):
+    from vqgen.train.cli import _parser, resolve
+
+    args = ["configs/natural_t2i_B.yaml", "training.transformer.steps=7", "--out", str(tmp_path), "--report-to", "none"]
+    proc = subprocess.run([sys.executable, "-m", "vqgen.config", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed["training"]["transformer"]["steps"] == 7 and printed["out_dir"] == str(tmp_path)
+    assert printed == resolve(_parser().parse_args(["transformer", "--config", *args])).to_dict()
+    bad = subprocess.run([sys.executable, "-m", "vqgen.config", "configs/shapes.yaml", "model.sise=B"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "did you mean 'model.size'?" in bad.stderr
+
+
+def test_demo_reads_shapes_yaml_and_the_stages_need_a_config(monkeypatch, capsys):
+    from vqgen.train import demo
+    from vqgen.train.cli import _parser, main, resolve
+
+    assert resolve(_parser().parse_args(["demo"])) == load_config(SHAPES, ["out_dir=runs/demo"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenizer", "training.tokenizer.steps=1"])
+    assert exit_.value.code == 2 and "--config" in capsys.readouterr().err
+    monkeypatch.setattr(demo, "DEMO_CONFIG", Path("configs") / "absent.yaml")
+    monkeypatch.chdir(ROOT / "tests")
+    with pytest.raises(ConfigError, match=r"the demo's config configs/absent.yaml was not found .* pass --config PATH"):
+        demo.demo_config_path()
+
+
+def test_resume_refuses_changes_that_alter_the_run_and_allows_the_rest():
+    saved = load_config(SHAPES).to_dict()
+    changed = load_config(SHAPES, ["training.tokenizer.batch_size=32", "tokenizer.channels=8",
+                                   "training.tokenizer.steps=5000", "training.tokenizer.max_minutes=0",
+                                   "training.tokenizer.report_to=wandb", "model.size=tiny"]).to_dict()
+    refused, allowed = resume_changes(saved, changed, "tokenizer")
+    assert refused == ["tokenizer.channels: 16 -> 8", "training.tokenizer.batch_size: 16 -> 32"]
+    assert allowed == ["training.tokenizer.steps: 2400 -> 5000", "training.tokenizer.max_minutes: 3.5 -> 0.0",
+                       "training.tokenizer.report_to: 'none' -> 'wandb'"]  # model.size: not the tokenizer's
+    refused, _ = resume_changes(saved, changed, "transformer")
+    assert refused == ["model.size: 'mini' -> 'tiny'"]  # the transformer reads no tokenizer section
+    # a key the saved config lacks (an older version) counts as its default
+    del saved["data"]["num_workers"], saved["tokenizer"]["channels"]
+    refused, allowed = resume_changes(saved, changed, "tokenizer")
+    assert refused == ["tokenizer.channels: 128 -> 8", "training.tokenizer.batch_size: 16 -> 32"]
+
+
+def test_check_resume_names_the_keys_in_its_error(tmp_path):
+    saved = tmp_path / "checkpoints" / "step_00000010" / "config.json"
+    saved.parent.mkdir(parents=True)
+    load_config(SHAPES).save(saved)
+    assert check_resume(saved, load_config(SHAPES, ["training.transformer.log_every=5"]), "transformer") == [
+        "training.transformer.log_every: 20 -> 5"]
+    with pytest.raises(ConfigError) as err:
+        check_resume(saved, load_config(SHAPES, ["training.transformer.batch_size=8"]), "transformer")
+    assert f"resuming from {saved.parent} would change the run" in str(err.value)
+    assert "training.transformer.batch_size: 64 -> 8" in str(err.value) and "--out DIR" in str(err.value)
+    assert check_resume(tmp_path / "absent.json", load_config(SHAPES), "transformer") == []

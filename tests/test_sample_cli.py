@@ -16,6 +16,7 @@ from vqgen.config import load_config
 from vqgen.text import PromptError
 
 ROOT = Path(__file__).parent.parent
+SHAPES = ROOT / "configs" / "shapes.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def run(tmp_path_factory) -> Path:
     from vqgen.tokenizer import VQTokenizer
 
     run = tmp_path_factory.mktemp("run")
-    cfg = load_config(None, ["model.dim=64", "model.depth=2", "model.heads=2", "model.max_text_len=24"])
+    cfg = load_config(SHAPES, ["model.dim=64", "model.depth=2", "model.heads=2", "model.max_text_len=24"])
     torch.manual_seed(0)
     tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
     tokenizer.save_pretrained(run / "tokenizer")
@@ -96,7 +97,7 @@ def test_pipeline_refuses_a_tokenizer_of_another_codebook(run, tmp_path):
     from vqgen.sampling.pipeline import Pipeline
     from vqgen.tokenizer import VQTokenizer
 
-    other = load_config(None, ["tokenizer.fsq_levels=[5, 5, 5]"])
+    other = load_config(SHAPES, ["tokenizer.fsq_levels=[5, 5, 5]"])
     VQTokenizer(other.tokenizer, 32).save_pretrained(tmp_path / "tok125")
     with pytest.raises(Exception, match="1000.*125|125.*1000"):
         Pipeline.from_pretrained(run / "transformer", tokenizer_dir=tmp_path / "tok125")

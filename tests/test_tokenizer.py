@@ -17,7 +17,8 @@ RES = 16
 
 
 def tiny(**overrides) -> TokenizerConfig:
-    base = dict(channels=8, channel_mult=[1, 1, 2], latent_dim=4, codebook_size=32, codebook_dim=4)
+    base = dict(encoder="patch", downsample=4, channels=8, channel_mult=[1, 1, 2], num_res_blocks=1, attention=False,
+                latent_dim=4, quantizer="fsq", codebook_size=32, codebook_dim=4, l2_weight=1.0)
     return TokenizerConfig(**{**base, **overrides})
 
 

@@ -24,6 +24,7 @@ from vqgen.tokenizer import VQTokenizer
 from vqgen.train.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+SHAPES = ROOT / "configs" / "shapes.yaml"  # the CPU demo; TINY_SHAPES shrinks it further
 TINY_SHAPES = [
     "tokenizer.channels=8",
     "tokenizer.channel_mult=[1, 1, 2]",
@@ -36,8 +37,13 @@ TINY_SHAPES = [
 ]
 
 
+def small_tokenizer_config() -> TokenizerConfig:
+    """The demo's tokenizer (patch encoder, f4, FSQ of 1,000 codes), narrower."""
+    return load_config(SHAPES, ["tokenizer.channels=8", "tokenizer.channel_mult=[1, 1, 2]"]).tokenizer
+
+
 def test_train_tokenizer_on_shapes_exports_a_loadable_tokenizer(tmp_path):
-    cfg = load_config(None, [*TINY_SHAPES, "training.tokenizer.steps=6", "training.tokenizer.ema_decay=0.9"])
+    cfg = load_config(SHAPES, [*TINY_SHAPES, "training.tokenizer.steps=6", "training.tokenizer.ema_decay=0.9"])
     metrics = train_tokenizer(cfg, tmp_path, eval_num=16)
     assert metrics["step"] == 6 and math.isfinite(metrics["loss"])
     assert {"psnr", "usage", "l1", "eval_psnr", "eval_usage", "eval_perplexity", "eval_exact"} <= metrics.keys()
@@ -96,7 +102,7 @@ def test_natural_config_trains_on_an_image_folder_and_improves(tmp_path):
 
 def test_evaluate_tokenizer_metrics_match_hand_computation():
     torch.manual_seed(0)
-    tokenizer = VQTokenizer(TokenizerConfig(channels=8, channel_mult=[1, 1, 2]), 32).eval()
+    tokenizer = VQTokenizer(small_tokenizer_config(), 32).eval()
     dataset = ShapesDataset(12, seed=5)
     report = evaluate_tokenizer(tokenizer, dataset, batch_size=5)
     x = torch.stack([dataset[i]["image"] for i in range(12)])
@@ -115,7 +121,7 @@ def test_evaluate_tokenizer_metrics_match_hand_computation():
 
 def test_eval_cli_prints_and_writes_json(tmp_path, capsys):
     torch.manual_seed(0)
-    VQTokenizer(TokenizerConfig(channels=8, channel_mult=[1, 1, 2]), 32).save_pretrained(tmp_path / "tok")
+    VQTokenizer(small_tokenizer_config(), 32).save_pretrained(tmp_path / "tok")
     out = tmp_path / "metrics.json"
     assert eval_main(["tokenizer", "--checkpoint", str(tmp_path / "tok"), "--num", "8", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -145,13 +151,13 @@ def test_two_process_vq_training_keeps_codebooks_in_sync(tmp_path):
             from vqgen.train.tokenizer import train_tokenizer, build_task
             from vqgen.train import tokenizer as module
 
-            out, overrides = Path(sys.argv[1]), sys.argv[2:]
+            out, config, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
             built = {}
             def keep(cfg):
                 built["task"] = task = build_task(cfg)
                 return task
             module.build_task = keep
-            metrics = train_tokenizer(load_config(None, overrides), out, eval_num=8)
+            metrics = train_tokenizer(load_config(config, overrides), out, eval_num=8)
             state = PartialState()
             assert state.num_processes == 2, state
             rank = state.process_index
@@ -163,7 +169,7 @@ def test_two_process_vq_training_keeps_codebooks_in_sync(tmp_path):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
         "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(script), str(tmp_path / "run"), *overrides,
+        str(script), str(tmp_path / "run"), str(SHAPES), *overrides,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -182,11 +188,11 @@ def test_vq_resume_after_sigterm_is_bit_exact(tmp_path, sigterm_at):
 
     overrides = [*TINY_SHAPES, "tokenizer.quantizer=vq", "tokenizer.codebook_size=64", "tokenizer.codebook_dim=4",
                  "training.tokenizer.steps=6", "training.tokenizer.ema_decay=0.9"]
-    straight = train_tokenizer(load_config(None, overrides), tmp_path / "straight", eval_num=0)
+    straight = train_tokenizer(load_config(SHAPES, overrides), tmp_path / "straight", eval_num=0)
 
     with sigterm_at(tt.FreshShapes, 2), pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
-        train_tokenizer(load_config(None, overrides), tmp_path / "resumed", eval_num=0)
-    resumed = train_tokenizer(load_config(None, overrides), tmp_path / "resumed", eval_num=0)
+        train_tokenizer(load_config(SHAPES, overrides), tmp_path / "resumed", eval_num=0)
+    resumed = train_tokenizer(load_config(SHAPES, overrides), tmp_path / "resumed", eval_num=0)
 
     assert resumed["loss"] == straight["loss"]
     a = load_weights(tmp_path / "straight" / "model.safetensors")

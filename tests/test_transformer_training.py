@@ -14,6 +14,7 @@ from vqgen.config import ConfigError, load_config
 from vqgen.train.loop import latest_checkpoint
 
 ROOT = Path(__file__).parent.parent
+SHAPES = ROOT / "configs" / "shapes.yaml"  # the CPU demo; the TINY overrides shrink it further
 
 TINY = [
     "data.num=96",
@@ -39,7 +40,7 @@ def run_dir(tmp_path_factory) -> Path:
     from vqgen.tokenizer import VQTokenizer
 
     run = tmp_path_factory.mktemp("run")
-    cfg = load_config(None, TINY)
+    cfg = load_config(SHAPES, TINY)
     torch.manual_seed(0)
     VQTokenizer(cfg.tokenizer, cfg.data.resolution).save_pretrained(run / "tokenizer")
     encode_dataset(run / "tokenizer", cfg.data, run / "codes", shard_size=64, batch_size=32)
@@ -47,7 +48,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def config(run_dir: Path, *extra: str):
-    return load_config(None, TINY + [f"model.tokenizer={run_dir / 'tokenizer'}", f"data.codes={run_dir / 'codes'}",
+    return load_config(SHAPES, TINY + [f"model.tokenizer={run_dir / 'tokenizer'}", f"data.codes={run_dir / 'codes'}",
                                      f"model.text_cache={run_dir / 'text_cache'}", *extra])
 
 
@@ -99,7 +100,7 @@ def test_tokenizer_mismatch_is_reported(run_dir, tmp_path):
     from vqgen.tokenizer import VQTokenizer
     from vqgen.train.transformer import train_transformer
 
-    other = load_config(None, ["tokenizer.fsq_levels=[5, 5, 5]"])
+    other = load_config(SHAPES, ["tokenizer.fsq_levels=[5, 5, 5]"])
     VQTokenizer(other.tokenizer, 32).save_pretrained(tmp_path / "other_tokenizer")
     cfg = config(run_dir, "training.transformer.steps=1", f"model.tokenizer={tmp_path / 'other_tokenizer'}")
     with pytest.raises(ConfigError, match=r"codebook of 1000 .* but tokenizer .* has 125 codes"):
@@ -112,11 +113,11 @@ def test_two_processes_match_one_with_the_same_global_batch(run_dir):
     common = [f"model.tokenizer={run_dir / 'tokenizer'}", f"data.codes={run_dir / 'codes'}",
               f"model.text_cache={run_dir / 'text_cache'}", "model.cond_dropout=0.0", "model.dropout=0.0",
               "training.transformer.steps=4"]
-    one = [sys.executable, "train.py", "transformer", "--out", str(run_dir / "p1"), *TINY, *common,
+    one = [sys.executable, "train.py", "transformer", "--config", str(SHAPES), "--out", str(run_dir / "p1"), *TINY, *common,
            "training.transformer.batch_size=8"]
     two = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "train.py", "transformer", "--out", str(run_dir / "p2"), *TINY, *common, "training.transformer.batch_size=4"]
+           "train.py", "transformer", "--config", str(SHAPES), "--out", str(run_dir / "p2"), *TINY, *common, "training.transformer.batch_size=4"]
     for cmd in (one, two):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, proc.stderr[-3000:]

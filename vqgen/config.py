@@ -441,10 +441,11 @@ def check_resume(saved_path: str | Path, cfg: Config, kind: str) -> list[str]:
         raise ConfigError(f"cannot parse {saved_path}: {e}") from e
     refused, allowed = resume_changes(saved, cfg.to_dict(), kind)
     if refused:
+        changes = "\n  ".join(refused)
         raise ConfigError(
-            f"resuming from {saved_path.parent} would change the run it holds (its config: {saved_path}):\n  " + "\n  ".join(refused) + "\nRestore these values to resume, or give "
-            "the new config its own output directory (--out DIR). Only these keys may change on resume: "
-            + ", ".join(MAY_CHANGE_ON_RESUME)
+            f"resuming from {saved_path.parent} would change the run it holds (its config: {saved_path}):\n"
+            f"  {changes}\nRestore these values to resume, or give the new config its own output directory "
+            f"(--out DIR). Only these keys may change on resume: {', '.join(MAY_CHANGE_ON_RESUME)}"
         )
     return allowed
 
