@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import Tensor
 
 from vqgen.config import ModelConfig, SamplingConfig
 from vqgen.model import Transformer, TransformerConfig
@@ -7,8 +8,8 @@ from vqgen.sampling import (
     draw_uniforms,
     generate,
     guidance_scales,
+    decoder_for,
     inverse_cdf,
-    make_caches,
     sample_logits,
     sampling_options,
     top_p_mask,
@@ -50,6 +51,18 @@ def reference_sample(model, text, mask, seeds, cfg_scale=1.0, greedy=False):
     return codes.view(-1, *GRID)
 
 
+def loaded_decoder(model, text, mask, length=N, dtype=torch.float32):
+    context = model.context(text, mask)
+    decoder = decoder_for(model, len(text), length, 8, dtype)
+    decoder.load(model, context)
+    return decoder
+
+
+def inputs_before(codes):
+    """The code before each position (position 0's entry is ignored: the start embedding goes in)."""
+    return torch.cat([codes[:, :1], codes[:, :-1]], dim=1)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("static", [False, True], ids=["filled-prefix", "static-masked"])
 def test_cached_steps_match_the_full_forward(kv_heads, static):
@@ -58,26 +71,51 @@ def test_cached_steps_match_the_full_forward(kv_heads, static):
     codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(codes, text, mask)  # [B, N, V]
-        caches = make_caches(model, model.context(text, mask))
-        x = model.inputs(codes)
+        decoder = loaded_decoder(model, text, mask)
+        before = inputs_before(codes)
         for t in range(N):
             pos = torch.tensor([t]) if static else t
-            step = model.head(model.run(x[:, t : t + 1], pos, None, caches))  # [B, 1, V]
+            step = model.decode_step(before[:, t : t + 1], pos, decoder.layers)  # [B, 1, V]
             torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["filled-prefix", "static-masked"])
-def test_cached_prefill_of_a_prefix_matches_the_full_forward(static):
+@pytest.mark.parametrize("form", ["int", "shared", "per-row"])
+def test_cached_prefill_of_a_prefix_matches_the_full_forward(form):
     model = small_model(kv_heads=2)
     text, mask = prompts()
     codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
+    before = inputs_before(codes)
+    positions = {"int": lambda a, b: a, "shared": lambda a, b: torch.arange(a, b),
+                 "per-row": lambda a, b: torch.arange(a, b).expand(3, -1)}[form]
     with torch.no_grad():
         full = model(codes, text, mask)
-        caches = make_caches(model, model.context(text, mask))
-        x = model.inputs(codes)
-        first = model.head(model.run(x[:, :5], torch.arange(5) if static else 0, None, caches))
-        rest = model.head(model.run(x[:, 5:7], torch.arange(5, 7) if static else 5, None, caches))
+        decoder = loaded_decoder(model, text, mask)
+        first = model.decode_step(before[:, :5], positions(0, 5), decoder.layers)
+        rest = model.decode_step(before[:, 5:7], positions(5, 7), decoder.layers)
     torch.testing.assert_close(torch.cat([first, rest], 1), full[:, :7], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_at_different_positions_and_rewritten_windows_match_the_full_forward():
+    """Per-row windows (as speculative decoding runs them): each row its own positions, and a
+    window rewritten over stale keys after a rollback, past the grid's end into slack slots."""
+    model = small_model(kv_heads=2)
+    text, mask = prompts()
+    codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
+    before = inputs_before(codes)
+    W = 4
+    with torch.no_grad():
+        full = model(codes, text, mask)
+        decoder = loaded_decoder(model, text, mask, length=N + W)
+        noise = torch.randint(0, V, (3, W), generator=torch.Generator().manual_seed(3))
+        # each row's earlier positions hold its true keys, as after accepted drafts
+        for starts in ([0, 0, 0], [2, 4, 1], [5, 8, 3], [6, N - 2, 5]):
+            pos = torch.tensor(starts)[:, None] + torch.arange(W)  # [3, W], may run past N - 1
+            model.decode_step(noise, pos, decoder.layers)  # rejected drafts: stale keys the next window overwrites
+            window = before.gather(1, pos.clamp(max=N - 1))
+            logits = model.decode_step(window, pos, decoder.layers)  # [3, W, V]
+            inside = pos < N
+            torch.testing.assert_close(logits[inside], full.gather(1, pos.clamp(max=N - 1)[..., None].expand(-1, -1, V))[inside],
+                                       rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
@@ -192,3 +230,35 @@ def test_compiled_decode_matches_eager():
     text, mask = prompts()
     eager = generate(model, text, mask, cfg_scale=2.0, top_k=10, seeds=1)
     assert torch.equal(generate(model, text, mask, cfg_scale=2.0, top_k=10, seeds=1, compile=True), eager)
+
+
+def test_compiled_decode_is_recorded_once_across_prompts(monkeypatch):
+    """Caches live as long as a shape and the text is padded to a bucket, so new prompts (of
+    another length within the bucket) reuse the compiled step: dynamo compiles no new graph."""
+    import functools
+    import importlib
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    gen = importlib.import_module("vqgen.sampling.generate")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # dynamo only: fast
+    gen.compiled.cache_clear()
+    torch._dynamo.reset()
+    try:
+        model = small_model(kv_heads=2)
+        opts = dict(cfg_scale=2.0, top_k=10, seeds=1)
+        text, mask = prompts(p=3, length=5)
+        first = generate(model, text, mask, compile=True, **opts)
+        assert torch.equal(first, generate(model, text, mask, **opts))  # compiled = eager
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1
+        for length in (3, 7):  # other prompts, other lengths, same text bucket (8 slots)
+            other_text, other_mask = prompts(p=3, length=length)
+            other_text = other_text + length
+            codes = generate(model, other_text, other_mask, compile=True, **opts)
+            assert torch.equal(codes, generate(model, other_text, other_mask, **opts))
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        gen.compiled.cache_clear()
+        torch._dynamo.reset()
