@@ -1,4 +1,5 @@
-"""Fast sampling: static KV cache, classifier-free guidance, seeded inverse-CDF draws."""
+"""Fast sampling: static KV cache, classifier-free guidance, seeded inverse-CDF draws,
+speculative Jacobi decoding."""
 
 from vqgen.sampling.cache import Decoder, LayerKV, decoder_for, text_bucket
 from vqgen.sampling.draws import (
@@ -12,8 +13,10 @@ from vqgen.sampling.draws import (
     top_p_mask,
 )
 from vqgen.sampling.generate import decode_one, generate, sampling_options
+from vqgen.sampling.speculative import PRIORS, speculative_decode
 
 __all__ = [
+    "PRIORS",
     "SCHEDULES",
     "Decoder",
     "LayerKV",
@@ -27,6 +30,7 @@ __all__ = [
     "probabilities",
     "sample_logits",
     "sampling_options",
+    "speculative_decode",
     "text_bucket",
     "top_p_mask",
 ]

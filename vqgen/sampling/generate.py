@@ -1,4 +1,5 @@
-"""Fast autoregressive sampling: static KV cache, classifier-free guidance, seeded draws.
+"""Fast autoregressive sampling: static KV cache, classifier-free guidance, seeded draws,
+optional speculative Jacobi decoding.
 
 The text enters through cross-attention, so a prompt is a single start token: the first step
 runs it at position 0 and every later step decodes one code. Per prompt, each layer's
@@ -13,6 +14,9 @@ Guidance doubles the batch: rows [0, B) are conditional, rows [B, 2B) see the nu
 and both streams receive the same sampled code. Each image's uniforms are drawn up front
 from its own seed, and a code is drawn by inverse CDF (cumsum + searchsorted), so an image
 does not depend on the batch it was generated in.
+
+``speculative=W`` verifies windows of W draft codes per forward instead (``speculative.py``):
+the same distribution over images, fewer forwards.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from vqgen.config import SamplingConfig
 from vqgen.model import Transformer
 from vqgen.sampling.cache import decoder_for, text_bucket
 from vqgen.sampling.draws import SCHEDULES, draw_uniforms, guidance_scales, guide, sample_logits
+from vqgen.sampling.speculative import speculative_decode, window_logits
 
 __all__ = ["SCHEDULES", "decode_one", "generate", "sampling_options"]
 
@@ -63,6 +68,8 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     seeds: Tensor | int = 0,
+    speculative: int = 0,
+    speculative_prior: str = "above",
     use_cache: bool = True,
     compile: bool = False,
     cache_dtype: torch.dtype | None = None,
@@ -74,6 +81,11 @@ def generate(
     image i of every prompt the seed ``seeds + i`` (so a prompt gives the same images alone or
     in a batch); a LongTensor [P * num_images] sets each image's seed.
 
+    ``speculative=W`` (W >= 1; 0 = off) decodes by speculative Jacobi windows of W codes: the
+    images follow exactly the plain sampler's distribution, in fewer forwards, but are other
+    draws from it (the seed fixes each image's draws for a given W; see ``speculative.py``).
+    ``speculative_prior``: the draft of a position entering a window, ``"above"`` (the code
+    above it in the grid) or ``"uniform"`` (a random code).
     ``use_cache=False`` recomputes the whole prefix at every step (the baseline the fast path
     is measured against). ``cache_dtype`` stores keys/values in another dtype (default: the
     model's on GPU, float32 on CPU); attention math runs in the wider of it and the model's.
@@ -87,6 +99,10 @@ def generate(
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if speculative < 0:
+        raise ValueError(f"speculative must be >= 0 (0 = off, W = windows of W codes), got {speculative}")
+    if speculative and not use_cache:
+        raise ValueError("speculative decoding needs the cache; drop use_cache=False or set speculative=0")
     h, w = model.cfg.grid
     N, device = h * w, model.bos.device
     B = text.shape[0] * num_images
@@ -94,6 +110,7 @@ def generate(
         seeds = seeds + torch.arange(num_images).repeat(text.shape[0])  # image i of each prompt: seed + i
     if seeds.shape != (B,):
         raise ValueError(f"seeds must be an int or a tensor of shape [{B}] (prompts x num_images), got {tuple(seeds.shape)}")
+    window = min(speculative, N)
     scales = guidance_scales(cfg_scale, cfg_schedule, N).to(device)  # [N]
     guided = bool((scales != 1).any())
 
@@ -121,9 +138,15 @@ def generate(
 
         dtype = cache_dtype or (torch.float32 if device.type == "cpu" else model.bos.dtype)
         text_len = text_bucket(context.tokens.shape[1], model.cfg.max_text_len + 1)
-        decoder = decoder_for(model, context.tokens.shape[0], N, text_len, dtype)
+        decoder = decoder_for(model, context.tokens.shape[0], N + window, text_len, dtype)
         decoder.load(model, context)
-        codes = plain_decode(model, decoder.layers, seeds, scales, compile, opts)
+        if window:
+            step = compiled(window_logits, device.type) if compile else window_logits
+            codes, forwards = speculative_decode(
+                model, decoder, step, seeds, window, scales, compact=not compile, prior=speculative_prior, **opts
+            )
+        else:
+            codes = plain_decode(model, decoder.layers, seeds, scales, compile, opts)
         return (codes.view(B, h, w), forwards) if return_forwards else codes.view(B, h, w)
     finally:
         model.train(was_training)
