@@ -15,9 +15,10 @@ Drafts:
 
 - a position this forward already covered (Jacobi iteration): drawn from its p_t, which was
   computed from the window's not yet verified codes before it;
-- a position entering the window: the code above it in the grid, as a point mass (on images a
-  code often repeats the one above; docs/benchmarks.md measures it against noise), or in the
-  first row a uniformly random code.
+- a position entering the window: the code above it in the grid (the nearest one a forward has
+  covered), as a point mass; in the first row the last code before the new positions; at the
+  very first position a uniformly random code. On images a code often repeats its neighbours;
+  docs/benchmarks.md measures this prior against noise.
 
 Draws are coupled across iterations, in the spirit of MC-SJD (So et al., 2025): a position's
 draft always inverts the same uniform, so it changes only where its q moved, and a stable
@@ -55,27 +56,31 @@ def window_logits(model: Transformer, caches: nn.ModuleList, codes: Tensor, pos:
     return model.decode_step(codes, pos, caches).float()
 
 
-def _draft(
-    row_codes: Tensor, pos: Tensor, jacobi: Tensor, seen: Tensor, u: Tensor, width: int, prior: str
-) -> Tensor:
+def _draft(row_codes: Tensor, pos: Tensor, fresh: Tensor, jacobi: Tensor, u: Tensor, width: int, prior: str) -> Tensor:
     """Write drafts at window positions pos [A, W] into row_codes [A, N + W] and return the
     distribution each was drawn from [A, W, V].
 
-    jacobi [A, W, V]: the last forward's p at each position; used where ``seen`` [A, W].
-    u [A, W]: each position's draft uniform.
+    fresh [A]: the first position no forward has covered yet; positions before it draw from
+    jacobi [A, W, V], the last forward's p there. u [A, W]: each position's draft uniform.
     """
     vocab = jacobi.shape[-1]
+    seen = pos < fresh[:, None]
     noise = (u * vocab).long().clamp_(max=vocab - 1)  # a uniformly random code
     from_p = inverse_cdf(jacobi.flatten(0, 1), u.flatten()).view_as(pos)
-    row_codes.scatter_(1, pos, torch.where(seen, from_p, noise))
-    above = ~seen & (pos >= width) if prior == "above" else torch.zeros_like(seen)
+    drafts = torch.where(seen, from_p, noise)
+    copied = torch.zeros_like(seen)
     if prior == "above":
-        for _ in range(-(-pos.shape[1] // width)):  # a chain of new positions one row apart settles in W / w passes
-            copied = torch.where(above, row_codes.gather(1, (pos - width).clamp(min=0)), row_codes.gather(1, pos))
-            row_codes.scatter_(1, pos, copied)
-    point = F.one_hot(row_codes.gather(1, pos), vocab).to(jacobi.dtype)  # [A, W, V]
+        # the nearest code above that is not fresh itself; in the first row, the last code before the fresh ones
+        rows_up = ((pos - fresh[:, None] + width) // width).clamp(min=1)  # rows up to leave the fresh positions
+        up = pos - rows_up * width
+        source = torch.where(up >= 0, up, fresh[:, None] - 1)  # < fresh: accepted, or drafted just now from p
+        copied = ~seen & (source >= 0)
+        row_codes.scatter_(1, pos, drafts)
+        drafts = torch.where(copied, row_codes.gather(1, source.clamp(min=0)), drafts)
+    row_codes.scatter_(1, pos, drafts)
+    point = F.one_hot(drafts, vocab).to(jacobi.dtype)  # [A, W, V]
     uniform = torch.full_like(point, 1 / vocab)
-    return torch.where(seen[..., None], jacobi, torch.where(above[..., None], point, uniform))
+    return torch.where(seen[..., None], jacobi, torch.where(copied[..., None], point, uniform))
 
 
 def speculative_decode(
@@ -112,9 +117,8 @@ def speculative_decode(
     slots = torch.arange(W, device=device)
     rows, rows_host = torch.arange(B, device=device), torch.arange(B)  # images in the decoder's rows, in order
 
-    first = slots.expand(B, W)
-    q = _draft(codes, first, torch.full((B, W, V), 1 / V, device=device), torch.zeros_like(first, dtype=torch.bool),
-               u_draft[:, :W], width, prior)  # [B, W, V]: each window slot's draft distribution
+    q = _draft(codes, slots.expand(B, W), start, torch.full((B, W, V), 1 / V, device=device), u_draft[:, :W], width,
+               prior)  # [B, W, V]: each window slot's draft distribution
     while True:
         n = start[rows]  # [A]
         pos = n[:, None] + slots  # [A, W]
@@ -139,12 +143,11 @@ def speculative_decode(
         advance = accepted + rejected.long()
         new_start = (n + advance).clamp(max=N)
 
-        # the next window: slots this forward covered draft from its p (Jacobi), new ones from the prior
-        source = advance[:, None] + slots  # [A, W]: each next slot's slot in this window
-        seen = source < W
-        jacobi = p.gather(1, repeat(source.clamp(max=W - 1), "a w -> a w v", v=V))
+        # the next window: slots this forward covered draft from its p (Jacobi), fresh ones from the prior
+        source = (advance[:, None] + slots).clamp(max=W - 1)  # [A, W]: each next slot's slot in this window
+        jacobi = p.gather(1, repeat(source, "a w -> a w v", v=V))
         new_pos = new_start[:, None] + slots
-        q[rows] = _draft(row_codes, new_pos, jacobi, seen, u_draft[rows].gather(1, new_pos), width, prior)
+        q[rows] = _draft(row_codes, new_pos, n + W, jacobi, u_draft[rows].gather(1, new_pos), width, prior)
         codes[rows], start[rows] = row_codes, new_start
 
         before, after = torch.stack([n, new_start]).cpu()  # the one host read per window
