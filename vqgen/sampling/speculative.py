@@ -39,7 +39,6 @@ images finished.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor, nn
 
@@ -56,9 +55,12 @@ def window_logits(model: Transformer, caches: nn.ModuleList, codes: Tensor, pos:
     return model.decode_step(codes, pos, caches).float()
 
 
-def _draft(row_codes: Tensor, pos: Tensor, fresh: Tensor, jacobi: Tensor, u: Tensor, width: int, prior: str) -> Tensor:
-    """Write drafts at window positions pos [A, W] into row_codes [A, N + W] and return the
-    distribution each was drawn from [A, W, V].
+JACOBI, POINT, UNIFORM = 0, 1, 2  # what a draft was drawn from: a forward's p, a copied code, noise
+
+
+def _draft(codes: Tensor, pos: Tensor, fresh: Tensor, jacobi: Tensor, u: Tensor, width: int, prior: str) -> tuple[Tensor, Tensor]:
+    """Write drafts at window positions pos [A, W] into codes [A, N + W]; return what each was
+    drawn from [A, W] (JACOBI, POINT or UNIFORM) and its probability there q(x) [A, W].
 
     fresh [A]: the first position no forward has covered yet; positions before it draw from
     jacobi [A, W, V], the last forward's p there. u [A, W]: each position's draft uniform.
@@ -66,21 +68,30 @@ def _draft(row_codes: Tensor, pos: Tensor, fresh: Tensor, jacobi: Tensor, u: Ten
     vocab = jacobi.shape[-1]
     seen = pos < fresh[:, None]
     noise = (u * vocab).long().clamp_(max=vocab - 1)  # a uniformly random code
-    from_p = inverse_cdf(jacobi.flatten(0, 1), u.flatten()).view_as(pos)
-    drafts = torch.where(seen, from_p, noise)
-    copied = torch.zeros_like(seen)
+    drafts = torch.where(seen, inverse_cdf(jacobi.flatten(0, 1), u.flatten()).view_as(pos), noise)
+    kind = torch.where(seen, JACOBI, UNIFORM)
     if prior == "above":
         # the nearest code above that is not fresh itself; in the first row, the last code before the fresh ones
-        rows_up = ((pos - fresh[:, None] + width) // width).clamp(min=1)  # rows up to leave the fresh positions
+        rows_up = ((pos - fresh[:, None] + width) // width).clamp(min=1)
         up = pos - rows_up * width
         source = torch.where(up >= 0, up, fresh[:, None] - 1)  # < fresh: accepted, or drafted just now from p
         copied = ~seen & (source >= 0)
-        row_codes.scatter_(1, pos, drafts)
-        drafts = torch.where(copied, row_codes.gather(1, source.clamp(min=0)), drafts)
-    row_codes.scatter_(1, pos, drafts)
-    point = F.one_hot(drafts, vocab).to(jacobi.dtype)  # [A, W, V]
-    uniform = torch.full_like(point, 1 / vocab)
-    return torch.where(seen[..., None], jacobi, torch.where(copied[..., None], point, uniform))
+        codes.scatter_(1, pos, drafts)
+        drafts = torch.where(copied, codes.gather(1, source.clamp(min=0)), drafts)
+        kind = torch.where(copied, POINT, kind)
+    codes.scatter_(1, pos, drafts)
+    q_x = torch.where(kind == JACOBI, jacobi.gather(-1, drafts[..., None])[..., 0], torch.where(kind == POINT, 1.0, 1 / vocab))
+    return kind, q_x
+
+
+def _residual(p: Tensor, q_jacobi: Tensor, kind: Tensor, draft: Tensor) -> Tensor:
+    """norm(max(0, p - q)) up to normalisation, for rows p [A, V] whose draft [A] came from
+    q_jacobi [A, V], a point mass on it or the uniform distribution (``kind`` [A])."""
+    vocab = p.shape[-1]
+    point = p.scatter(-1, draft[:, None], 0.0)  # p - one_hot(draft), clamped
+    residual = torch.where((kind == JACOBI)[:, None], (p - q_jacobi).clamp(min=0),
+                           torch.where((kind == POINT)[:, None], point, (p - 1 / vocab).clamp(min=0)))
+    return torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p = q up to rounding: p itself is exact
 
 
 def speculative_decode(
@@ -103,61 +114,68 @@ def speculative_decode(
 
     ``decoder`` holds the prompt's context and ``N + window`` self-attention slots per stream;
     ``step`` is ``window_logits`` or its compiled form; ``scales`` [N] the guidance per
-    position. ``compact``: finished images leave the batch (eager only).
+    position. ``compact``: finished images leave the batch (eager only). The state of the
+    images still running is kept in the decoder's row order, so it is reordered only when
+    images finish.
     """
     if prior not in PRIORS:
         raise ValueError(f"unknown draft prior {prior!r}; choose one of {list(PRIORS)}")
     N, width, V = model.cfg.seq_len, model.cfg.grid[1], model.cfg.vocab_size
     W, B, device = window, len(seeds), model.bos.device
     streams = 2 if guided else 1
-    u_draft, u_accept, u_redraw = draw_uniforms(seeds, 3 * (N + W)).to(device).view(B, 3, N + W).unbind(1)  # [B, N + W]
+    uniforms = draw_uniforms(seeds, 3 * (N + W)).to(device).view(B, 3, N + W)  # draft, accept, redraw [B, 3, N + W]
     codes = torch.zeros(B, N + W, dtype=torch.long, device=device)  # accepted codes, then the drafts (W slack slots)
     start = torch.zeros(B, dtype=torch.long, device=device)  # codes accepted = the window's first position
-    forwards = torch.zeros(B, dtype=torch.long)
     slots = torch.arange(W, device=device)
-    rows, rows_host = torch.arange(B, device=device), torch.arange(B)  # images in the decoder's rows, in order
+    out = torch.zeros(B, N, dtype=torch.long, device=device)
+    forwards = torch.zeros(B, dtype=torch.long)
+    images = torch.arange(B)  # the image in each row
 
-    q = _draft(codes, slots.expand(B, W), start, torch.full((B, W, V), 1 / V, device=device), u_draft[:, :W], width,
-               prior)  # [B, W, V]: each window slot's draft distribution
+    q_jacobi = torch.full((B, W, V), 1 / V, device=device)  # the distribution each JACOBI draft came from
+    kind, q_x = _draft(codes, slots.expand(B, W), start, q_jacobi, uniforms[:, 0, :W], width, prior)
     while True:
-        n = start[rows]  # [A]
-        pos = n[:, None] + slots  # [A, W]
-        row_codes = codes[rows]  # [A, N + W]
-        inputs = row_codes.gather(1, (pos - 1).clamp(min=0))  # the code before each position
+        A = len(images)
+        pos = start[:, None] + slots  # [A, W]
+        inputs = codes.gather(1, (pos - 1).clamp(min=0))  # the code before each position
         logits = step(model, decoder.layers, repeat(inputs, "a w -> (s a) w", s=streams), repeat(pos, "a w -> (s a) w", s=streams))
         cells = pos.clamp(max=N - 1)  # positions past the grid (slack) read the last cell's guidance and uniforms
         p = probabilities(guide(logits, scales[cells][..., None], guided), temperature, top_k, top_p)  # [A, W, V]
 
         # verify left to right: the leading accepted drafts, then a redraw at the first rejection
-        qa, drafts = q[rows], row_codes.gather(1, pos)
-        p_x, q_x = p.gather(-1, drafts[..., None])[..., 0], qa.gather(-1, drafts[..., None])[..., 0]  # [A, W]
-        accepted = (u_accept[rows].gather(1, cells) * q_x < p_x).long().cumprod(1).sum(1)  # [A]
+        drafts = codes.gather(1, pos)
+        p_x = p.gather(-1, drafts[..., None])[..., 0]  # [A, W]
+        accepted = (uniforms[:, 1].gather(1, cells) * q_x < p_x).long().cumprod(1).sum(1)  # [A]
         rejected = accepted < W
         at = accepted.clamp(max=W - 1)[:, None]  # [A, 1]: the first rejected slot
-        p_r = p.gather(1, repeat(at, "a 1 -> a 1 v", v=V))[:, 0]  # [A, V]
-        residual = (p_r - qa.gather(1, repeat(at, "a 1 -> a 1 v", v=V))[:, 0]).clamp(min=0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_r)  # p = q up to rounding: p itself
-        redraw = inverse_cdf(residual, u_redraw[rows].gather(1, cells.gather(1, at))[:, 0])  # [A]
+        row = repeat(at, "a 1 -> a 1 v", v=V)
+        residual = _residual(p.gather(1, row)[:, 0], q_jacobi.gather(1, row)[:, 0], kind.gather(1, at)[:, 0],
+                             drafts.gather(1, at)[:, 0])
+        redraw = inverse_cdf(residual, uniforms[:, 2].gather(1, cells.gather(1, at))[:, 0])  # [A]
         where = pos.gather(1, at)  # [A, 1]
-        row_codes.scatter_(1, where, torch.where(rejected, redraw, row_codes.gather(1, where)[:, 0])[:, None])
+        codes.scatter_(1, where, torch.where(rejected, redraw, codes.gather(1, where)[:, 0])[:, None])
         advance = accepted + rejected.long()
-        new_start = (n + advance).clamp(max=N)
+        before, start = start, (start + advance).clamp(max=N)
 
         # the next window: slots this forward covered draft from its p (Jacobi), fresh ones from the prior
         source = (advance[:, None] + slots).clamp(max=W - 1)  # [A, W]: each next slot's slot in this window
-        jacobi = p.gather(1, repeat(source, "a w -> a w v", v=V))
-        new_pos = new_start[:, None] + slots
-        q[rows] = _draft(row_codes, new_pos, n + W, jacobi, u_draft[rows].gather(1, new_pos), width, prior)
-        codes[rows], start[rows] = row_codes, new_start
+        q_jacobi = p.gather(1, repeat(source, "a w -> a w v", v=V))
+        new_pos = start[:, None] + slots
+        kind, q_x = _draft(codes, new_pos, before + W, q_jacobi, uniforms[:, 0].gather(1, new_pos), width, prior)
 
-        before, after = torch.stack([n, new_start]).cpu()  # the one host read per window
-        forwards[rows_host] += (before < N).long()
-        finished = after >= N
+        was, now = torch.stack([before, start]).cpu()  # the one host read per window
+        forwards[images] += (was < N).long()
+        finished = now >= N
         if finished.all():
-            return codes[:, :N], forwards
+            out[images.to(device)] = codes[:, :N]
+            return out, forwards
         if compact:
-            if finished.any():
-                keep = (~finished).nonzero()[:, 0]
-                decoder.keep(torch.cat([keep + s * len(rows_host) for s in range(streams)]).to(device))
-                rows, rows_host, after = rows[keep.to(device)], rows_host[keep], after[keep]
-            decoder.narrow(streams * len(rows_host), min(decoder.length, int(after.max()) + W))
+            if finished.any():  # finished images leave: their codes out, the rest of the state moves up
+                done, keep = finished.nonzero()[:, 0], (~finished).nonzero()[:, 0]
+                out[images[done].to(device)] = codes[done.to(device), :N]
+                decoder.keep(torch.cat([keep + s * A for s in range(streams)]).to(device))
+                rows = keep.to(device)
+                codes, start, uniforms, q_jacobi, kind, q_x = (
+                    t[rows] for t in (codes, start, uniforms, q_jacobi, kind, q_x)
+                )
+                images, now = images[keep], now[keep]
+            decoder.narrow(streams * len(images), min(decoder.length, int(now.max()) + W))
