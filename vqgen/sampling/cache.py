@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor, nn
 
 from vqgen.model import Context, Transformer
@@ -72,10 +72,10 @@ class LayerKV(nn.Module):
             keys.index_copy_(2, pos, k)
             values.index_copy_(2, pos, v)
             return keys, values, self.slots <= pos[:, None]  # mask [n, T]
-        # each row its own positions [S, n] (speculative windows)
-        index = repeat(pos, "s n -> s h n d", h=k.shape[1], d=k.shape[3])
-        keys.scatter_(2, index, k)
-        values.scatter_(2, index, v)
+        # each row its own positions [S, n] (speculative windows): row r's keys go to slots pos[r]
+        rows = torch.arange(pos.shape[0], device=pos.device)[:, None]  # [S, 1]
+        keys.transpose(1, 2)[rows, pos] = k.transpose(1, 2)  # [S, n, Hkv, Dh] into [S, T, Hkv, Dh]
+        values.transpose(1, 2)[rows, pos] = v.transpose(1, 2)
         mask = self.slots[: self.end] <= rearrange(pos, "s n -> s 1 n 1")  # [S, 1, n, end]
         return keys[:, :, : self.end], values[:, :, : self.end], mask
 
