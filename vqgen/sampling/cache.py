@@ -5,8 +5,8 @@ A ``Decoder`` owns one ``LayerKV`` per transformer block for a fixed shape: ``st
 The prompt's text is padded to a few length buckets (powers of two from 8 up to the model's
 longest text), so across prompts a compiled decode step sees the same shapes and the same
 tensors and is recorded once (CUDA graphs on GPU). ``decoder_for`` keeps the decoders of a
-model's two most recent shapes (e.g. a run's full batches and its last, smaller one) and frees
-them with the model.
+model's four most recent shapes (e.g. a run's full batches and its last, smaller one, for the
+plain and the speculative sampler) and frees them with the model.
 
 The caches implement ``vqgen.model.LayerCache``: the model stores and reads keys through it
 and never looks inside.
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from vqgen.model import Context, Transformer
 
 MIN_TEXT_BUCKET = 8
-KEPT_SHAPES = 2  # decoders kept per model
+KEPT_SHAPES = 4  # decoders kept per model
 
 
 def text_bucket(length: int, longest: int) -> int:
