@@ -379,3 +379,21 @@ def test_compiled_decode_is_recorded_once_across_prompts(window, monkeypatch):
     finally:
         gen.compiled.cache_clear()
         torch._dynamo.reset()
+
+
+def test_decoders_are_made_once_per_shape_and_freed_with_the_model():
+    import gc
+    import weakref
+
+    model = small_model()
+    text, mask = prompts()
+    generate(model, text, mask, cfg_scale=2.0, seeds=0)
+    decoder = decoder_for(model, 6, N, 8, torch.float32)  # 3 prompts x 2 streams, 12 slots, 5 tokens + null -> 8
+    k = decoder.layers[0].k.data_ptr()
+    generate(model, text[:, :3], mask[:, :3], cfg_scale=2.0, seeds=1)  # other prompts, same shape
+    assert decoder_for(model, 6, N, 8, torch.float32) is decoder and decoder.layers[0].k.data_ptr() == k
+    assert decoder_for(model, 2, N, 8, torch.float32) is not decoder
+    ref = weakref.ref(decoder)
+    del model, decoder
+    gc.collect()
+    assert ref() is None
