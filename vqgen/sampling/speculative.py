@@ -38,6 +38,8 @@ images finished.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from einops import repeat
 from torch import Tensor, nn
@@ -97,7 +99,7 @@ def _residual(p: Tensor, q_jacobi: Tensor, kind: Tensor, draft: Tensor) -> Tenso
 def speculative_decode(
     model: Transformer,
     decoder: Decoder,
-    step,
+    step: Callable[..., Tensor],
     seeds: Tensor,
     window: int,
     scales: Tensor,
