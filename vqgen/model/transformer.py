@@ -211,10 +211,13 @@ class LayerCache(Protocol):
         ...
 
 
-def _attention_dtype(q: Tensor, k: Tensor) -> torch.dtype:
-    """The wider of the model's and the cache's dtype: a bf16 cache under an fp32 model still
-    gets fp32 math, and an fp32 cache under a bf16 model on CPU keeps fp32 kernels."""
-    return torch.promote_types(q.dtype, k.dtype)
+def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v in the wider of the model's and the cache's dtype: a bf16 cache under an fp32
+    model still gets fp32 math, and an fp32 cache under a bf16 model on CPU keeps fp32 kernels."""
+    if q.dtype == k.dtype:
+        return q, k, v
+    dtype = torch.promote_types(q.dtype, k.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
 class SelfAttention(nn.Module):
@@ -237,10 +240,8 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
         else:
             k, v, mask = cache.update(pos, k, v)
-            dtype = _attention_dtype(q, k)
-            y = F.scaled_dot_product_attention(
-                q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask, dropout_p=dropout, enable_gqa=gqa
-            )
+            q, k, v = _common_dtype(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
         return self.proj(rearrange(y.to(x.dtype), "b h n d -> b n (h d)"))
 
 
@@ -265,8 +266,7 @@ class CrossAttention(nn.Module):
             (k, v), mask = self.context_kv(context.tokens), context.mask
         else:
             k, v, mask = cache.context
-            dtype = _attention_dtype(q, k)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            q, k, v = _common_dtype(q, k, v)
         dropout = self.dropout if self.training else 0.0
         gqa = self.kv_heads != self.heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)

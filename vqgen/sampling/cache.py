@@ -62,7 +62,9 @@ class LayerKV(nn.Module):
     def update(self, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Store k, v [S, Hkv, n, Dh] at ``pos``; return keys, values and mask to attend over."""
         keys, values = self.k[: self.rows], self.v[: self.rows]
-        k, v, n = k.to(keys.dtype), v.to(values.dtype), k.shape[2]
+        if k.dtype != keys.dtype:
+            k, v = k.to(keys.dtype), v.to(values.dtype)
+        n = k.shape[2]
         if isinstance(pos, int):  # eager, the same positions in every row: attend over the filled prefix
             end = pos + n
             keys[:, :, pos:end], values[:, :, pos:end] = k, v
