@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import Tensor
 
 from vqgen.config import ModelConfig, SamplingConfig
 from vqgen.model import Transformer, TransformerConfig
@@ -7,8 +8,8 @@ from vqgen.sampling import (
     draw_uniforms,
     generate,
     guidance_scales,
+    decoder_for,
     inverse_cdf,
-    make_caches,
     sample_logits,
     sampling_options,
     top_p_mask,
@@ -50,6 +51,18 @@ def reference_sample(model, text, mask, seeds, cfg_scale=1.0, greedy=False):
     return codes.view(-1, *GRID)
 
 
+def loaded_decoder(model, text, mask, length=N, dtype=torch.float32):
+    context = model.context(text, mask)
+    decoder = decoder_for(model, len(text), length, 8, dtype)
+    decoder.load(model, context)
+    return decoder
+
+
+def inputs_before(codes):
+    """The code before each position (position 0's entry is ignored: the start embedding goes in)."""
+    return torch.cat([codes[:, :1], codes[:, :-1]], dim=1)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("static", [False, True], ids=["filled-prefix", "static-masked"])
 def test_cached_steps_match_the_full_forward(kv_heads, static):
@@ -58,26 +71,51 @@ def test_cached_steps_match_the_full_forward(kv_heads, static):
     codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(codes, text, mask)  # [B, N, V]
-        caches = make_caches(model, model.context(text, mask))
-        x = model.inputs(codes)
+        decoder = loaded_decoder(model, text, mask)
+        before = inputs_before(codes)
         for t in range(N):
             pos = torch.tensor([t]) if static else t
-            step = model.head(model.run(x[:, t : t + 1], pos, None, caches))  # [B, 1, V]
+            step = model.decode_step(before[:, t : t + 1], pos, decoder.layers)  # [B, 1, V]
             torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["filled-prefix", "static-masked"])
-def test_cached_prefill_of_a_prefix_matches_the_full_forward(static):
+@pytest.mark.parametrize("form", ["int", "shared", "per-row"])
+def test_cached_prefill_of_a_prefix_matches_the_full_forward(form):
     model = small_model(kv_heads=2)
     text, mask = prompts()
     codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
+    before = inputs_before(codes)
+    positions = {"int": lambda a, b: a, "shared": lambda a, b: torch.arange(a, b),
+                 "per-row": lambda a, b: torch.arange(a, b).expand(3, -1)}[form]
     with torch.no_grad():
         full = model(codes, text, mask)
-        caches = make_caches(model, model.context(text, mask))
-        x = model.inputs(codes)
-        first = model.head(model.run(x[:, :5], torch.arange(5) if static else 0, None, caches))
-        rest = model.head(model.run(x[:, 5:7], torch.arange(5, 7) if static else 5, None, caches))
+        decoder = loaded_decoder(model, text, mask)
+        first = model.decode_step(before[:, :5], positions(0, 5), decoder.layers)
+        rest = model.decode_step(before[:, 5:7], positions(5, 7), decoder.layers)
     torch.testing.assert_close(torch.cat([first, rest], 1), full[:, :7], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_at_different_positions_and_rewritten_windows_match_the_full_forward():
+    """Per-row windows (as speculative decoding runs them): each row its own positions, and a
+    window rewritten over stale keys after a rollback, past the grid's end into slack slots."""
+    model = small_model(kv_heads=2)
+    text, mask = prompts()
+    codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
+    before = inputs_before(codes)
+    W = 4
+    with torch.no_grad():
+        full = model(codes, text, mask)
+        decoder = loaded_decoder(model, text, mask, length=N + W)
+        noise = torch.randint(0, V, (3, W), generator=torch.Generator().manual_seed(3))
+        # each row's earlier positions hold its true keys, as after accepted drafts
+        for starts in ([0, 0, 0], [2, 4, 1], [5, 8, 3], [6, N - 2, 5]):
+            pos = torch.tensor(starts)[:, None] + torch.arange(W)  # [3, W], may run past N - 1
+            model.decode_step(noise, pos, decoder.layers)  # rejected drafts: stale keys the next window overwrites
+            window = before.gather(1, pos.clamp(max=N - 1))
+            logits = model.decode_step(window, pos, decoder.layers)  # [3, W, V]
+            inside = pos < N
+            torch.testing.assert_close(logits[inside], full.gather(1, pos.clamp(max=N - 1)[..., None].expand(-1, -1, V))[inside],
+                                       rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
@@ -192,3 +230,170 @@ def test_compiled_decode_matches_eager():
     text, mask = prompts()
     eager = generate(model, text, mask, cfg_scale=2.0, top_k=10, seeds=1)
     assert torch.equal(generate(model, text, mask, cfg_scale=2.0, top_k=10, seeds=1, compile=True), eager)
+
+
+# --------------------------------------------------------------------------------------
+# Speculative Jacobi decoding
+# --------------------------------------------------------------------------------------
+
+TINY_V, TINY_GRID = 3, (2, 2)  # 3^4 = 81 possible images: the exact distribution is enumerable
+
+
+def tiny_model() -> Transformer:
+    torch.manual_seed(3)
+    cfg = TransformerConfig(vocab_size=TINY_V, grid=TINY_GRID, text_dim=TEXT_DIM, dim=32, depth=2, heads=2, kv_heads=2, mlp_hidden=64)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.5)  # conditionals that depend strongly on the codes before them
+    return model.eval()
+
+
+@torch.no_grad()
+def exact_distribution(model, text, mask, cfg_scale, **opts) -> tuple[Tensor, Tensor]:
+    """Every image [K, N] and the plain sampler's probability of each [K], by enumeration."""
+    from itertools import product
+
+    from vqgen.sampling import probabilities
+
+    n = TINY_GRID[0] * TINY_GRID[1]
+    images = torch.tensor(list(product(range(TINY_V), repeat=n)))  # [K, N]
+    k = len(images)
+    cond = model(images, text.expand(k, -1, -1), mask.expand(k, -1))  # [K, N, V]
+    uncond = model(images, text.expand(k, -1, -1), torch.zeros_like(mask).expand(k, -1))
+    p = probabilities(torch.lerp(uncond, cond, cfg_scale), **opts)
+    return images, p.gather(-1, images[..., None])[..., 0].prod(-1)
+
+
+def chi_square_p_value(samples: Tensor, images: Tensor, probs: Tensor) -> float:
+    """Pearson's chi-square test of samples [M, N] against the distribution probs [K] over
+    images [K, N]; an image of probability 0 that shows up fails at once (p-value 0)."""
+    index = (samples[:, None, :] == images[None]).all(-1).float().argmax(-1)  # [M]
+    observed = torch.bincount(index, minlength=len(images)).double()
+    expected = probs.double() * len(samples)
+    if observed[expected == 0].any():
+        return 0.0
+    live = expected > 0
+    chi2 = ((observed[live] - expected[live]) ** 2 / expected[live]).sum()
+    dof = int(live.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), chi2 / 2))
+
+
+LEVEL = 1e-3  # each test rejects a correct sampler with probability 0.1%
+SPEC_OPTS = dict(cfg_scale=2.0, top_k=2, temperature=0.8)  # guidance and top-k on
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(4)
+    text, mask = torch.randn(1, 3, TEXT_DIM, generator=g), torch.ones(1, 3, dtype=torch.bool)
+    images, probs = exact_distribution(model, text, mask, SPEC_OPTS["cfg_scale"], top_k=2, temperature=0.8)
+    return model, text, mask, images, probs
+
+
+@pytest.mark.parametrize("window, prior", [(0, "above"), (1, "above"), (2, "above"), (3, "uniform"), (4, "above")])
+def test_speculative_sampling_follows_the_exact_distribution(tiny, window, prior):
+    """Window 0 is the plain sampler (checks the harness); 4 covers the whole 2x2 grid, and on
+    its second row the 'above' prior drafts."""
+    model, text, mask, images, probs = tiny
+    samples, forwards = generate(model, text, mask, num_images=3000, seeds=0, speculative=window,
+                                 speculative_prior=prior, return_forwards=True, **SPEC_OPTS)
+    samples = samples.flatten(1)
+    assert chi_square_p_value(samples, images, probs) > LEVEL
+    n = images.shape[1]
+    assert ((forwards >= -(-n // max(window, 1))) & (forwards <= n)).all()
+    # the test has power: the same samples fail against the distribution without guidance
+    _, unguided = exact_distribution(model, text, mask, 1.0, top_k=2, temperature=0.8)
+    assert chi_square_p_value(samples, images, unguided) < LEVEL
+
+
+def test_speculative_greedy_equals_plain_greedy_and_is_batch_independent():
+    model = small_model(kv_heads=2)
+    text, mask = prompts()
+    plain = generate(model, text, mask, num_images=2, cfg_scale=2.0, top_k=1, seeds=0)
+    for window in (3, 5, N):
+        assert torch.equal(generate(model, text, mask, num_images=2, cfg_scale=2.0, top_k=1, seeds=0, speculative=window), plain)
+    opts = dict(num_images=2, cfg_scale=2.5, top_k=20, top_p=0.9, temperature=0.9, seeds=4, speculative=5)
+    batched = generate(model, text, mask, **opts)
+    assert torch.equal(batched, generate(model, text, mask, **opts))  # the seed fixes the images
+    alone = torch.cat([generate(model, text[i : i + 1], mask[i : i + 1], **opts) for i in range(3)])
+    assert torch.equal(batched, alone)
+    assert not torch.equal(batched, generate(model, text, mask, **opts | dict(seeds=5)))
+
+
+def test_speculative_argument_errors():
+    model = small_model()
+    text, mask = prompts()
+    with pytest.raises(ValueError, match=r"speculative must be >= 0 \(0 = off, W = windows of W codes\), got -2"):
+        generate(model, text, mask, speculative=-2)
+    with pytest.raises(ValueError, match="speculative decoding needs the cache; drop use_cache=False or set speculative=0"):
+        generate(model, text, mask, speculative=4, use_cache=False)
+    with pytest.raises(ValueError, match=r"unknown draft prior 'left'; choose one of \['above', 'uniform'\]"):
+        generate(model, text, mask, speculative=4, speculative_prior="left")
+
+
+def test_half_precision_cache_keeps_the_logits():
+    model = small_model(kv_heads=2)
+    text, mask = prompts()
+    codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(codes, text, mask)
+        decoder = loaded_decoder(model, text, mask, dtype=torch.bfloat16)
+        logits = model.decode_step(inputs_before(codes), torch.arange(N), decoder.layers)
+    assert decoder.layers[0].k.dtype == torch.bfloat16 and logits.dtype == torch.float32  # fp32 math over a bf16 cache
+    torch.testing.assert_close(logits, full, rtol=0, atol=0.02)  # bf16 keys: 8 bits of mantissa (measured 0.005)
+    assert not torch.equal(logits, full)
+    codes = generate(model, text, mask, cfg_scale=2.0, seeds=1, cache_dtype=torch.bfloat16)
+    assert codes.shape == (3, *GRID)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_compiled_decode_is_recorded_once_across_prompts(window, monkeypatch):
+    """Caches live as long as a shape and the text is padded to a bucket, so new prompts (of
+    another length within the bucket) reuse the compiled step: dynamo compiles no new graph."""
+    import functools
+    import importlib
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    gen = importlib.import_module("vqgen.sampling.generate")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # dynamo only: fast
+    gen.compiled.cache_clear()
+    torch._dynamo.reset()
+    try:
+        model = small_model(kv_heads=2)
+        opts = dict(cfg_scale=2.0, top_k=10, seeds=1, speculative=window)
+        text, mask = prompts(p=3, length=5)
+        first = generate(model, text, mask, compile=True, **opts)
+        assert torch.equal(first, generate(model, text, mask, **opts))  # compiled = eager
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1
+        for length in (3, 7):  # other prompts, other lengths, same text bucket (8 slots)
+            other_text, other_mask = prompts(p=3, length=length)
+            other_text = other_text + length
+            codes = generate(model, other_text, other_mask, compile=True, **opts)
+            assert torch.equal(codes, generate(model, other_text, other_mask, **opts))
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        gen.compiled.cache_clear()
+        torch._dynamo.reset()
+
+
+def test_decoders_are_made_once_per_shape_and_freed_with_the_model():
+    import gc
+    import weakref
+
+    model = small_model()
+    text, mask = prompts()
+    generate(model, text, mask, cfg_scale=2.0, seeds=0)
+    decoder = decoder_for(model, 6, N, 8, torch.float32)  # 3 prompts x 2 streams, 12 slots, 5 tokens + null -> 8
+    k = decoder.layers[0].k.data_ptr()
+    generate(model, text[:, :3], mask[:, :3], cfg_scale=2.0, seeds=1)  # other prompts, same shape
+    assert decoder_for(model, 6, N, 8, torch.float32) is decoder and decoder.layers[0].k.data_ptr() == k
+    assert decoder_for(model, 2, N, 8, torch.float32) is not decoder
+    ref = weakref.ref(decoder)
+    del model, decoder
+    gc.collect()
+    assert ref() is None

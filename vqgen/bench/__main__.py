@@ -2,6 +2,8 @@
 
     python -m vqgen.bench sampling --size tiny --batch 8 --tokens 256 --cfg 1.5 --dtype fp32 --json tiny.json
         times the cached sampler, the full-recompute baseline and HF ``generate()`` on a GPT-2 twin
+    python -m vqgen.bench speculative --checkpoint runs/demo/transformer --json spec.json
+        speculative against plain decoding on a trained model: forwards, wall clock, adherence
 
 Progress goes to stderr, the table to stdout, and ``--json`` writes the numbers.
 """
@@ -14,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from vqgen.bench import speculative
 from vqgen.bench.sampling import DTYPES, FULL_RECOMPUTE_PREFIX, BenchSpec, format_table, run_sampling_bench
 from vqgen.checkpoint import atomic_write_text
 from vqgen.model import SIZES
@@ -53,7 +56,10 @@ def run_sampling(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}", file=sys.stderr)
 
 
-COMMANDS = {"sampling": ("cached sampler vs no cache vs HF generate()", add_sampling_arguments, run_sampling)}
+COMMANDS = {
+    "sampling": ("cached sampler vs no cache vs HF generate()", add_sampling_arguments, run_sampling),
+    "speculative": ("speculative vs plain decoding on a trained model", speculative.add_arguments, speculative.run),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,10 +3,11 @@
 from vqgen.model.transformer import (
     SIZES,
     Context,
+    LayerCache,
     Transformer,
     TransformerConfig,
     apply_rope,
     rope_tables,
 )
 
-__all__ = ["SIZES", "Context", "Transformer", "TransformerConfig", "apply_rope", "rope_tables"]
+__all__ = ["SIZES", "Context", "LayerCache", "Transformer", "TransformerConfig", "apply_rope", "rope_tables"]

@@ -16,15 +16,12 @@ sequence always begins with a learned null token; dropping a caption (classifier
 guidance) masks out every other text token, so a dropped or empty caption attends to the
 null token alone and never produces NaN.
 
-Attention can run against a key/value cache owned by the caller (``vqgen.sampling``). The
-model only assumes this protocol of each layer's cache:
-
-    cache.update(pos, k, v) -> (k, v, mask)  # store the new self-attention keys/values,
-                                              # return those to attend over (+ bool mask or None)
-    cache.context -> (k, v, mask)             # this layer's cross-attention keys/values,
-                                              # computed once per prompt by ``context_kv``
-
-Attention against a cache runs in the cache's dtype (queries are cast to it).
+Sampling runs the model through one entry, ``Transformer.decode_step``, against a
+key/value cache owned by the sampler (``vqgen.sampling``); the model asks of each layer's cache
+only what ``LayerCache`` states: store new self-attention keys/values and hand back what to
+attend over, and hold the cross-attention keys/values of the prompt's text. Attention against a
+cache runs in the wider of the model's and the cache's dtype, so a half-precision cache can
+feed fp32 attention math.
 """
 
 from __future__ import annotations
@@ -33,7 +30,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +168,10 @@ def rope_tables(grid: tuple[int, int], head_dim: int, base: float = 10000.0) -> 
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive pairs of x [B, H, n, Dh] by the angles of cos/sin [n, Dh/2]."""
+    """Rotate consecutive pairs of x [B, H, n, Dh] by the angles of cos/sin [n, Dh/2] (the same
+    positions in every row) or [B, n, Dh/2] (each row its own)."""
+    if cos.ndim == 3:
+        cos, sin = rearrange(cos, "b n d -> b 1 n d"), rearrange(sin, "b n d -> b 1 n d")
     pairs = rearrange(x.float(), "... (d two) -> ... d two", two=2)
     x1, x2 = pairs.unbind(-1)  # [B, H, n, Dh/2]
     rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -189,6 +190,36 @@ class Context(NamedTuple):
     mask: Tensor
 
 
+class LayerCache(Protocol):
+    """What one block's attention needs of a sampler's cache.
+
+    Positions ``pos`` come in three forms: an int (n consecutive positions from there, the same
+    for every row), a LongTensor [n] (the same for every row) or a LongTensor [S, n] (each row
+    its own positions, e.g. speculative windows of images that advanced by different counts).
+    """
+
+    def update(self, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store self-attention keys/values k, v [S, Hkv, n, Dh] at ``pos``; return the keys and
+        values to attend over [S, Hkv, T, Dh] and a bool mask (True = attend) broadcastable to
+        [S, H, n, T], or None when every returned key is visible to every query."""
+        ...
+
+    @property
+    def context(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Cross-attention keys, values [S, Hkv, L, Dh] of the prompt's text (computed once per
+        prompt with ``CrossAttention.context_kv``) and its mask [S, 1, 1, L] (True = attend)."""
+        ...
+
+
+def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v in the wider of the model's and the cache's dtype: a bf16 cache under an fp32
+    model still gets fp32 math, and an fp32 cache under a bf16 model on CPU keeps fp32 kernels."""
+    if q.dtype == k.dtype:
+        return q, k, v
+    dtype = torch.promote_types(q.dtype, k.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -197,7 +228,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, pos: int | Tensor, rope: tuple[Tensor, Tensor], cache=None) -> Tensor:
+    def forward(self, x: Tensor, pos: int | Tensor, rope: tuple[Tensor, Tensor], cache: LayerCache | None = None) -> Tensor:
         """x [B, n, D] at positions ``pos`` -> [B, n, D]; causal over the cache and x."""
         q, k, v = self.qkv(x).split([self.heads * self.head_dim, *2 * [self.kv_heads * self.head_dim]], dim=-1)
         q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)  # [B, H, n, Dh]
@@ -209,7 +240,7 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
         else:
             k, v, mask = cache.update(pos, k, v)
-            q = q.to(k.dtype)  # attention runs in the cache's dtype
+            q, k, v = _common_dtype(q, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
         return self.proj(rearrange(y.to(x.dtype), "b h n d -> b n (h d)"))
 
@@ -228,14 +259,14 @@ class CrossAttention(nn.Module):
         k, v = rearrange(self.kv(tokens), "b s (two h d) -> two b h s d", two=2, h=self.kv_heads)
         return k, v
 
-    def forward(self, x: Tensor, context: Context | None, cache=None) -> Tensor:
+    def forward(self, x: Tensor, context: Context | None, cache: LayerCache | None = None) -> Tensor:
         """x [B, n, D] attends to the text in ``context`` (or the cache's precomputed keys) -> [B, n, D]."""
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)  # [B, H, n, Dh]
         if cache is None:
             (k, v), mask = self.context_kv(context.tokens), context.mask
         else:
             k, v, mask = cache.context
-            q = q.to(k.dtype)  # attention runs in the cache's dtype
+            q, k, v = _common_dtype(q, k, v)
         dropout = self.dropout if self.training else 0.0
         gqa = self.kv_heads != self.heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
@@ -286,7 +317,9 @@ class Block(nn.Module):
         self.norm3, self.mlp = nn.RMSNorm(cfg.dim, eps=1e-6), SwiGLU(cfg.dim, cfg.mlp_hidden)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, pos: int | Tensor, rope: tuple[Tensor, Tensor], context: Context | None, cache=None) -> Tensor:
+    def forward(
+        self, x: Tensor, pos: int | Tensor, rope: tuple[Tensor, Tensor], context: Context | None, cache: LayerCache | None = None
+    ) -> Tensor:
         p = self.dropout if self.training else 0.0
         x = x + F.dropout(self.attn(self.norm1(x), pos, rope, cache), p)
         x = x + F.dropout(self.cross(self.norm2(x), context, cache), p)
@@ -383,9 +416,10 @@ class Transformer(nn.Module):
         bos = self.bos.expand(codes.shape[0], 1, -1)
         return torch.cat([bos, self.tok_emb(codes[:, :-1])], dim=1)
 
-    def run(self, x: Tensor, pos: int | Tensor, context: Context | None, caches=None) -> Tensor:
-        """Input embeddings x [B, n, D] at positions ``pos`` (an int start, or LongTensor [n]) ->
-        normed hidden states [B, n, D]; ``self.head`` turns them into logits.
+    def run(self, x: Tensor, pos: int | Tensor, context: Context | None, caches: Sequence[LayerCache] | None = None) -> Tensor:
+        """Input embeddings x [B, n, D] at positions ``pos`` -> normed hidden states [B, n, D];
+        ``self.head`` turns them into logits. ``pos``: an int start, a LongTensor [n], or a
+        LongTensor [B, n] of each row's positions.
 
         Without caches, x is the whole prefix from position 0 and attention is causal. With
         caches (one per block), earlier positions come from them and ``context`` may be None.
@@ -396,13 +430,31 @@ class Transformer(nn.Module):
                 raise ValueError(f"positions {pos}..{pos + n - 1} exceed the {self.cfg.grid[0]}x{self.cfg.grid[1]} code grid")
             at, cells = slice(pos, pos + n), torch.arange(pos, pos + n, device=x.device)
         else:
-            at = cells = pos
+            # a speculative window may run past the grid's last cell; those positions reuse its
+            # tables, and their outputs are never read (the cache keeps their keys apart)
+            at = cells = pos.clamp(max=self.cfg.seq_len - 1)
         w = self.cfg.grid[1]
         x = x + self.row_emb[cells // w] + self.col_emb[cells % w]  # absolute (row, column) of each position
-        rope = self.rope_cos[at], self.rope_sin[at]  # [n, Dh/2]
+        rope = self.rope_cos[at], self.rope_sin[at]  # [n, Dh/2] or [B, n, Dh/2]
         for i, block in enumerate(self.blocks):
             x = block(x, pos, rope, context, None if caches is None else caches[i])
         return self.norm(x)
+
+    def decode_step(self, codes: Tensor, pos: int | Tensor, caches: Sequence[LayerCache]) -> Tensor:
+        """The sampler's one entry: logits [S, n, V] at positions ``pos`` against ``caches`` (one
+        ``LayerCache`` per block, holding the earlier positions and the text).
+
+        codes [S, n] holds the code before each position (the input that predicts it); at
+        position 0 the start embedding goes in instead, whatever ``codes`` says there. ``pos``:
+        an int start, a LongTensor [n], or a LongTensor [S, n] of each row's own positions.
+        """
+        x = self.tok_emb(codes)  # [S, n, D]
+        if isinstance(pos, int):
+            if pos == 0:
+                x = torch.cat([self.bos.expand(x.shape[0], 1, -1), x[:, 1:]], dim=1)
+        else:
+            x = torch.where((pos == 0)[..., None], self.bos, x)  # static shapes: no branch on values
+        return self.head(self.run(x, pos, None, caches))
 
     def forward(self, codes: Tensor, text: Tensor, text_mask: Tensor, drop_cond: Tensor | None = None) -> Tensor:
         """codes [B, N] (raster order, N <= h*w) + text [B, L, d_text], text_mask [B, L]

@@ -1,31 +1,36 @@
-"""Fast sampling: static KV cache, classifier-free guidance, seeded inverse-CDF draws."""
+"""Fast sampling: static KV cache, classifier-free guidance, seeded inverse-CDF draws,
+speculative Jacobi decoding."""
 
-from vqgen.sampling.generate import (
+from vqgen.sampling.cache import Decoder, LayerKV, decoder_for, text_bucket
+from vqgen.sampling.draws import (
     SCHEDULES,
-    KVCache,
-    decode_one,
     draw_uniforms,
-    generate,
     guidance_scales,
+    guide,
     inverse_cdf,
-    make_caches,
-    next_code,
+    probabilities,
     sample_logits,
-    sampling_options,
     top_p_mask,
 )
+from vqgen.sampling.generate import decode_one, generate, sampling_options
+from vqgen.sampling.speculative import PRIORS, speculative_decode
 
 __all__ = [
+    "PRIORS",
     "SCHEDULES",
-    "KVCache",
+    "Decoder",
+    "LayerKV",
     "decode_one",
+    "decoder_for",
     "draw_uniforms",
     "generate",
     "guidance_scales",
+    "guide",
     "inverse_cdf",
-    "make_caches",
-    "next_code",
+    "probabilities",
     "sample_logits",
     "sampling_options",
+    "speculative_decode",
+    "text_bucket",
     "top_p_mask",
 ]

@@ -1,0 +1,186 @@
+"""Speculative against plain decoding on a trained model: forwards, wall clock, adherence.
+
+    python -m vqgen.bench speculative --checkpoint runs/demo/transformer --window 8 --json spec.json
+
+The prompts are the demo's evaluation sets: fresh single-object and two-object captions (200
+each by default, none of them a training caption), sampled with the run's own sampling
+settings and the demo's seeds. Both samplers generate every prompt's image, at batch 1 and at
+batch 8, chunk by chunk in alternating order, so a slower stretch of a shared machine slows
+both. Only the transformer's decoding is timed (text encoding and the VQ decoder cost the same
+for both). Images do not depend on the batch, so adherence is scored once per sampler and set,
+with its standard error sqrt(p (1 - p) / n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vqgen.bench.sampling import device_name
+from vqgen.checkpoint import atomic_write_text, load_config_json
+from vqgen.config import Config, from_dict
+from vqgen.sampling import PRIORS, generate
+
+BATCHES = (1, 8)
+SETS = ("single", "two")
+SAMPLERS = ("plain", "spec")
+
+
+def _prompt_sets(checkpoint: Path, num: int) -> tuple[Config, dict[str, list[str]]]:
+    """The run's config and its fresh evaluation prompts per set."""
+    from vqgen.data.codes import CodeShards
+    from vqgen.train.demo import evaluation_prompts
+
+    cfg = from_dict(Config, load_config_json(checkpoint, "transformer").get("run", {}))
+    codes = checkpoint / "codes"  # the training captions, when the run kept its code shards
+    training = set(CodeShards(codes).captions) if codes.is_dir() else set()
+    sets = evaluation_prompts(cfg, training, num)
+    return cfg, {name: sets[name] for name in SETS}
+
+
+def _timed(fn, device: torch.device) -> tuple[float, Any]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
+
+
+def _standard_error(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n)
+
+
+def run_speculative_bench(
+    checkpoint: Path, window: int = 8, num_prompts: int = 200, prior: str = "above", threads: int | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Plain vs ``speculative=window`` on the checkpoint's evaluation prompts -> the JSON-ready result."""
+    if window < 1:
+        raise ValueError(f"--window must be >= 1, got {window}")
+    if num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {num_prompts}")
+    if prior not in PRIORS:
+        raise ValueError(f"--prior {prior!r}: choose one of {list(PRIORS)}")
+    if not (checkpoint / "config.json").is_file():
+        raise ValueError(f"--checkpoint {checkpoint} holds no config.json; give a transformer checkpoint directory")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    try:
+        return _run(checkpoint, window, num_prompts, prior, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.inference_mode()
+def _run(checkpoint: Path, window: int, num_prompts: int, prior: str, device: str) -> dict[str, Any]:
+    from vqgen.eval.scene import adherence
+    from vqgen.sampling.pipeline import Pipeline
+
+    pipeline = Pipeline.from_pretrained(checkpoint, device=device)
+    model = pipeline.transformer
+    cfg, sets = _prompt_sets(checkpoint, num_prompts)
+    s = cfg.sampling
+    options = dict(cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule, temperature=s.temperature, top_k=s.top_k,
+                   top_p=s.top_p, seeds=s.seed)
+    samplers = {"plain": dict(speculative=0), "spec": dict(speculative=window, speculative_prior=prior)}
+
+    result: dict[str, Any] = {
+        "device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "python": platform.python_version(), "checkpoint": str(checkpoint), "window": window, "prior": prior,
+        "grid": list(model.cfg.grid), "vocab": model.cfg.vocab_size, "options": options, "num_prompts": num_prompts,
+        "sets": {},
+    }
+    seconds = {(b, name): 0.0 for b in BATCHES for name in SAMPLERS}
+    forwards = {name: [] for name in SAMPLERS}
+    for set_name, prompts in sets.items():
+        text, mask = pipeline.encoder.encode(prompts)  # [P, L, d], [P, L]
+
+        def run(name: str, chunk: slice) -> tuple[Tensor, Tensor]:
+            valid = mask[chunk].any(0)  # the chunk's own text length, as Pipeline does
+            return generate(model, text[chunk][:, valid].to(device), mask[chunk][:, valid].to(device),
+                            return_forwards=True, **options, **samplers[name])
+
+        for name in SAMPLERS:  # warm-up (first calls allocate caches)
+            run(name, slice(0, max(BATCHES)))
+        per_set: dict[str, dict[str, Any]] = {name: {} for name in SAMPLERS}
+        for b in BATCHES:
+            codes: dict[str, list[Tensor]] = {name: [] for name in SAMPLERS}
+            for i, start in enumerate(range(0, len(prompts), b)):
+                chunk = slice(start, start + b)
+                for name in SAMPLERS if i % 2 == 0 else SAMPLERS[::-1]:  # alternate who goes first
+                    elapsed, (c, f) = _timed(lambda: run(name, chunk), model.bos.device)
+                    seconds[b, name] += elapsed
+                    per_set[name][f"seconds_b{b}"] = per_set[name].get(f"seconds_b{b}", 0.0) + elapsed
+                    codes[name].append(c)
+                    if b == BATCHES[0]:
+                        forwards[name].append(f)
+                        per_set[name].setdefault("forwards", []).append(f)
+            if b == BATCHES[0]:
+                first_codes = {name: torch.cat(codes[name]) for name in SAMPLERS}
+            else:  # each image is the same at every batch size
+                per_set["batch_independent"] = all(torch.equal(first_codes[n], torch.cat(codes[n])) for n in SAMPLERS)
+            print(f"  {set_name} batch {b}: plain {per_set['plain'][f'seconds_b{b}']:.1f} s, "
+                  f"speculative {per_set['spec'][f'seconds_b{b}']:.1f} s", file=sys.stderr, flush=True)
+        for name in SAMPLERS:
+            images = pipeline.tokenizer.decode(first_codes[name]).clamp(-1, 1)
+            exact = adherence(images, prompts)["exact"]
+            f = torch.cat(per_set[name].pop("forwards")).double()
+            per_set[name] |= {"exact": exact, "exact_se": _standard_error(exact, len(prompts)),
+                              "forwards_per_image": float(f.mean())}
+            result[f"exact_{set_name}_{name}"] = exact
+            result[f"exact_{set_name}_{name}_se"] = _standard_error(exact, len(prompts))
+        result["sets"][set_name] = per_set
+
+    mean_forwards = {name: float(torch.cat(forwards[name]).double().mean()) for name in SAMPLERS}
+    result["forwards_per_image"] = mean_forwards
+    result["passes_ratio_b1"] = mean_forwards["plain"] / mean_forwards["spec"]
+    for b in BATCHES:
+        result[f"seconds_b{b}"] = {name: seconds[b, name] for name in SAMPLERS}
+        result[f"wall_ratio_b{b}"] = seconds[b, "plain"] / seconds[b, "spec"]
+    return result
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['device']}, {r['threads']} threads, torch {r['torch']}; grid {r['grid'][0]}x{r['grid'][1]}, "
+        f"vocab {r['vocab']}, window {r['window']} ({r['prior']} prior), {r['num_prompts']} prompts per set",
+        f"forwards per image: plain {r['forwards_per_image']['plain']:.1f}, speculative "
+        f"{r['forwards_per_image']['spec']:.2f} ({r['passes_ratio_b1']:.2f}x fewer)",
+    ]
+    for b in BATCHES:
+        sec = r[f"seconds_b{b}"]
+        lines.append(f"batch {b}: plain {sec['plain']:.1f} s, speculative {sec['spec']:.1f} s ({r[f'wall_ratio_b{b}']:.2f}x)")
+    for name in SETS:
+        plain, spec = (r[f"exact_{name}_{s}"] for s in SAMPLERS)
+        se_plain, se_spec = (r[f"exact_{name}_{s}_se"] for s in SAMPLERS)
+        lines.append(f"exact match, {name}: plain {plain:.1%} ± {se_plain:.1%}, speculative {spec:.1%} ± {se_spec:.1%}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a trained transformer checkpoint directory")
+    parser.add_argument("--window", type=int, default=8, help="speculative window W (default 8)")
+    parser.add_argument("--num-prompts", type=int, default=200, help="prompts per set (default 200)")
+    parser.add_argument("--prior", default="above", help=f"drafts for new window positions: {' or '.join(PRIORS)}")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores available)")
+    parser.add_argument("--device", help="default cuda when available, else cpu")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write the results here as JSON")
+
+
+def run(args: argparse.Namespace) -> None:
+    result = run_speculative_bench(args.checkpoint, args.window, args.num_prompts, args.prior, args.threads, args.device)
+    print(format_report(result))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
