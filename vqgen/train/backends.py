@@ -92,8 +92,8 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
     if cfg.on_nan != "stop":
         raise BackendError(
             f"on_nan={cfg.on_nan!r} cannot be honoured under DeepSpeed: its engine steps the optimizer inside "
-            "backward(), before the loop sees a non-finite gradient; use on_nan=stop (the run then stops at the "
-            "step, and resumes from the last checkpoint)"
+            "backward(), before the loop sees a non-finite gradient; use on_nan=stop (the run then stops at the next "
+            "log or checkpoint step, naming the bad step, and resumes from the last checkpoint)"
         )
     wanted: dict[str, tuple[Any, str]] = {
         "train_micro_batch_size_per_gpu": (cfg.batch_size, "batch_size"),

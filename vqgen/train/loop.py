@@ -453,7 +453,8 @@ def _load_checkpoint(accelerator, path: Path, ema: EMA | None, kind: str) -> int
 
 
 class _StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step (one process)
+    or at the next sync point (several, which agree there on the step to stop at)."""
 
     def __init__(self):
         self.requested = False
