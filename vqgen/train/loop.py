@@ -482,8 +482,76 @@ NEVER = 2**62  # "no bad step yet", in the on-device record of the first one
 
 
 def _on(device: torch.device, v: Any) -> torch.Tensor:
-    """A metric as a 0-dim fp32 tensor on ``device`` (a tensor already there is not copied)."""
-    return v.detach().float().to(device) if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=device)
+    """A metric as a 0-dim fp32 tensor on ``device``: a tensor already there is not copied, a
+    number is filled in on the device (no host-to-device copy)."""
+    return v.detach().float().to(device) if isinstance(v, torch.Tensor) else torch.full((), float(v), device=device)
+
+
+def _all_finite(norms: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """Whether every gradient norm is finite, as a 0-dim bool tensor (``None``: no norm yet)."""
+    finite = [torch.isfinite(n) for n in norms if n is not None]
+    return torch.stack(finite).all() if finite else torch.ones((), dtype=torch.bool, device=device)
+
+
+@dataclass
+class _Reading:
+    """What the host learns at a sync point (agreed by every process)."""
+
+    skipped: int  # steps whose update was not applied, so far
+    nonfinite: int  # ... of which had a non-finite loss or gradient (the NaN policy's; the rest: fp16 overflow)
+    first_bad: int  # the first of those (NEVER: none)
+    stop: bool  # some process wants to stop (signal, time limit)
+    applied: int  # applied steps in the current window
+    means: dict[str, float]  # the window's metrics: mean over its applied steps and the processes
+
+
+class _StepRecord:
+    """What the training steps leave on the device for the host to read at sync points: metric
+    sums over the window's applied steps, the counts of skipped and non-finite steps, and the
+    first of the latter. Recording never waits for the host."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.skipped = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), device=device)
+        self.first_bad = torch.full((), NEVER, dtype=torch.int64, device=device)
+        self.new_window()
+
+    def new_window(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.applied = torch.zeros((), device=self.device)
+        self.steps, self.started = 0, time.perf_counter()
+
+    def add(self, step: int, metrics: dict[str, torch.Tensor], skip: torch.Tensor, bad: torch.Tensor) -> None:
+        """Record ``step``: its metrics (0-dim device tensors), whether its update was skipped, and
+        whether it had a non-finite loss or gradient (0-dim bool tensors)."""
+        applied = ~skip
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + torch.where(applied, v, 0.0)  # where(): a skipped NaN stays out
+        self.applied += applied
+        self.skipped += skip
+        self.nonfinite += bad
+        self.first_bad = torch.where(bad & (self.first_bad == NEVER), step, self.first_bad)
+        self.steps += 1
+
+    def read(self, accelerator, wants_stop: bool) -> _Reading:
+        """One host sync; with several processes one gather, whose result every process agrees on."""
+        names = sorted(self.sums)
+        stop = torch.full((), float(wants_stop), device=self.device)
+        values = torch.stack([self.skipped, self.nonfinite, stop, self.applied, *(self.sums[k] for k in names)])
+        first, world = self.first_bad, accelerator.num_processes
+        if world > 1:
+            values, first = accelerator.gather(values[None]), accelerator.gather(first[None])
+        rows = values.reshape(world, -1).tolist()
+        applied = int(rows[0][3])  # the same on every process: they agree on each step's skip
+        return _Reading(
+            skipped=int(max(r[0] for r in rows)),
+            nonfinite=int(max(r[1] for r in rows)),
+            first_bad=int(first.min()),
+            stop=any(r[2] for r in rows),
+            applied=applied,
+            means={k: sum(r[4 + i] for r in rows) / (world * applied) for i, k in enumerate(names)} if applied else {},
+        )
 
 
 def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Path) -> dict[str, float]:
@@ -537,16 +605,10 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
 
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     scaler = has_loss_scaler(accelerator)
-    # on the device, read at sync points only (log steps, checkpoints, the end)
-    window: dict[str, torch.Tensor] = {}  # sums over the window's applied steps
-    window_applied = torch.zeros((), device=device)
-    skipped = torch.zeros((), device=device)  # steps whose update was not applied
-    nonfinite = torch.zeros((), device=device)  # ... of which the NaN policy's (not fp16 overflow)
-    first_bad = torch.full((), NEVER, dtype=torch.int64, device=device)
-    seen_skipped = seen_nonfinite = 0  # what the host has reported
+    record = _StepRecord(device)  # on the device, read at sync points: log steps, checkpoints, the end
+    seen = _Reading(0, 0, NEVER, False, 0, {})  # what the host has read and reported so far
     last: dict[str, float] = {}
-    window_steps = 0
-    t_start = t_window = time.perf_counter()
+    t_start = time.perf_counter()
     stopped_early = False
     bar = tqdm(total=cfg.steps, initial=step, disable=not main, desc=f"train {task.kind}", dynamic_ncols=True)
 
@@ -576,34 +638,26 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
             accelerator.sync_gradients = True
 
             norms = clip_gradients(accelerator, model, clip_sets)  # unscaled, each set by its own norm
-            grads_finite = torch.stack([torch.isfinite(n) for n in norms if n is not None]).all() if any(
-                n is not None for n in norms) else torch.ones((), dtype=torch.bool, device=device)
-            # with a loss scaler a non-finite gradient is its overflow: it skips the step itself
-            bad = ~loss_finite if scaler else ~(loss_finite & grads_finite)
-            skip = ~(loss_finite & grads_finite)
-            if world > 1:  # the same verdict on every process (one scalar, no host sync)
-                skip = accelerator.reduce(skip.float(), reduction="sum") > 0
-            if not deepspeed and not scaler:
-                # the fused AdamW kernel leaves weights, moments and step count alone when this is 1;
-                # a loss scaler sets its own (the same verdict on the gradients) in its step()
-                optimizer.optimizer.found_inf = skip.float()
-            optimizer.step()  # a no-op under DeepSpeed, whose engine stepped inside backward()
-            optimizer.zero_grad(set_to_none=True)
-            if deepspeed:  # its engine applied the step unless its fp16 loss scaler saw an overflow
+            finite = loss_finite & _all_finite(norms, device)
+            # the NaN policy's steps; with a loss scaler, a non-finite gradient alone is its fp16 overflow
+            bad = ~loss_finite if scaler else ~finite
+            if deepspeed:
+                optimizer.step()  # a no-op: the engine stepped inside backward(), unless its fp16 scaler overflowed
                 skip = bad | torch.tensor(optimizer.step_was_skipped, device=device)
-            applied = ~skip
+            else:
+                skip = ~finite
+                if world > 1:  # the same verdict on every process (one scalar, no host sync)
+                    skip = accelerator.reduce(skip.float(), reduction="sum") > 0
+                if not scaler:
+                    # the fused AdamW kernel leaves weights, moments and step count alone when this is 1;
+                    # a loss scaler sets its own in its step() (the same verdict on the gradients)
+                    optimizer.optimizer.found_inf = skip.float()
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.update(unwrapped, applied)
-            for name, norm in zip(norm_names, norms):
-                if norm is not None:
-                    step_sums[name] = norm
-            for k, v in step_sums.items():
-                window[k] = window.get(k, 0) + torch.where(applied, v, 0.0)  # where(): a skipped NaN stays out
-            window_applied += applied
-            skipped += skip
-            nonfinite += bad
-            first_bad = torch.where(bad & (first_bad == NEVER), step, first_bad)
-            window_steps += 1
+                ema.update(unwrapped, ~skip)
+            step_sums |= {name: norm for name, norm in zip(norm_names, norms) if norm is not None}
+            record.add(step, step_sums, skip, bad)
             step += 1
             bar.update(1)
 
@@ -615,42 +669,30 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
                     or (world == 1 and wants_stop)):
                 continue
 
-            # -- sync point: the host reads what the device recorded
-            names = sorted(window)
-            counters = torch.stack([skipped, nonfinite, torch.tensor(float(wants_stop), device=device), window_applied,
-                                    *(window[k] for k in names)])
-            first = first_bad
-            if world > 1:
-                counters, first = accelerator.gather(counters[None]), accelerator.gather(first[None])
-            rows = counters.reshape(world, -1).tolist()
-            n_skipped, n_nonfinite = int(max(r[0] for r in rows)), int(max(r[1] for r in rows))
-            stop_now, applied_steps = any(r[2] for r in rows), int(rows[0][3])
-            first_step = int(first.min())
-            finishing = step >= cfg.steps or stop_now
-
-            if n_nonfinite > seen_nonfinite:
+            now = record.read(accelerator, wants_stop)  # the sync point: the host reads the device's record
+            finishing = step >= cfg.steps or now.stop
+            if now.nonfinite > seen.nonfinite:
                 if cfg.on_nan == "stop":
                     skipping = "" if deepspeed else f", or set training.{task.kind}.on_nan=skip to skip such steps"
                     raise TrainingError(
-                        f"non-finite loss or gradient at step {first_step} ({task.kind}), seen at step {step}; nothing "
-                        f"after it was saved, the last good checkpoint is {latest_checkpoint(out_dir)}. Lower the "
-                        f"learning rate{skipping}."
+                        f"non-finite loss or gradient at step {now.first_bad} ({task.kind}), seen at step {step}; "
+                        f"nothing after it was saved, the last good checkpoint is {latest_checkpoint(out_dir)}. "
+                        f"Lower the learning rate{skipping}."
                     )
-                accelerator.print(f"step {step}: {n_nonfinite - seen_nonfinite} step(s) with a non-finite loss or gradient "
-                                  f"skipped ({n_nonfinite} so far, the first at step {first_step})")
-            if n_skipped - n_nonfinite > seen_skipped - seen_nonfinite:
-                accelerator.print(f"step {step}: the fp16 loss scaler skipped "
-                                  f"{(n_skipped - n_nonfinite) - (seen_skipped - seen_nonfinite)} overflowing step(s)")
-            seen_skipped, seen_nonfinite = n_skipped, n_nonfinite
+                accelerator.print(f"step {step}: {now.nonfinite - seen.nonfinite} step(s) with a non-finite loss or "
+                                  f"gradient skipped ({now.nonfinite} so far, the first at step {now.first_bad})")
+            overflows = (now.skipped - now.nonfinite) - (seen.skipped - seen.nonfinite)
+            if overflows:
+                accelerator.print(f"step {step}: the fp16 loss scaler skipped {overflows} overflowing step(s)")
+            seen = now
 
-            if applied_steps and (step % cfg.log_every == 0 or finishing):
-                # per process: its sums over the same applied steps; reported: the mean over processes
-                last = {k: sum(r[4 + i] for r in rows) / (world * applied_steps) for i, k in enumerate(names)}
-                elapsed = time.perf_counter() - t_window
+            if now.applied and (step % cfg.log_every == 0 or finishing):
+                last = dict(now.means)
+                elapsed = time.perf_counter() - record.started
                 if "tokens" in last:  # a per-step count: report the global throughput
-                    last["tokens_per_s"] = last.pop("tokens") * applied_steps * world / elapsed
-                last.update(lr=lr, steps_per_s=window_steps / elapsed, skipped_steps=n_skipped)
-                window, window_applied, window_steps, t_window = {}, torch.zeros((), device=device), 0, time.perf_counter()
+                    last["tokens_per_s"] = last.pop("tokens") * now.applied * world / elapsed
+                last.update(lr=lr, steps_per_s=record.steps / elapsed, skipped_steps=now.skipped)
+                record.new_window()
                 if main:
                     bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k != "lr"})
                     with open(out_dir / "log.jsonl", "a") as f:
@@ -662,9 +704,9 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
 
             if step % cfg.checkpoint_every == 0 or finishing:
                 _save_checkpoint(accelerator, out_dir, step, ema, run_cfg, task.kind)
-            if stop_now:
+            if now.stop:
                 stopped_early = step < cfg.steps
-                why = "stop requested" if stop.requested else f"time limit of {cfg.max_minutes} min reached"
+                why = f"time limit of {cfg.max_minutes} min reached" if over_time else "stop requested"
                 accelerator.print(f"{why}: checkpoint saved at step {step}")
                 break
     bar.close()
@@ -676,7 +718,7 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
     accelerator.end_training()
     if stop.requested:
         raise KeyboardInterrupt(f"training stopped at step {step}; run the same command again to resume")
-    return {**last, "step": step, "skipped_steps": seen_skipped, "seconds": time.perf_counter() - t_start,
+    return {**last, "step": step, "skipped_steps": seen.skipped, "seconds": time.perf_counter() - t_start,
             "stopped_early": stopped_early}
 
 
