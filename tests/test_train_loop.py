@@ -91,40 +91,43 @@ def test_a_skipped_step_moves_neither_weights_nor_optimizer_nor_ema(tmp_path):
     assert [r["skipped_steps"] for r in log] == [0, 1]
 
 
-class WithBuffers(nn.Module):
-    """A parameter, a float buffer (like a VQ codebook), a bool flag and an unsaved scratch buffer."""
+class WithCodebook(nn.Module):
+    """A parameter and a float buffer that training moves (as a VQ codebook)."""
 
     def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(2))
         self.register_buffer("codebook", torch.zeros(3))
-        self.register_buffer("initted", torch.tensor(False))
-        self.register_buffer("scratch", torch.zeros(1), persistent=False)
 
 
-def test_ema_warms_up_and_averages_the_saved_float_buffers():
-    model = WithBuffers()
+def test_ema_warms_up_and_skips_what_was_not_applied():
+    model = WithCodebook()
     ema = EMA(model, decay=0.5)
-    assert ema.names == ["w", "codebook"]  # not the flag, not the unsaved buffer
-    want = torch.zeros(3)
+    want = 0.0
     for n in range(12):  # the warm-up reaches the cap (0.5) at n = 8
         model.w.data.fill_(n + 1.0)
-        model.codebook.fill_(10.0 * (n + 1))
         ema.update(model)
         d = min(0.5, (1 + n) / (10 + n))
         want = d * want + (1 - d) * (n + 1.0)
-        assert ema.shadow[0] == pytest.approx(want[:2].tolist())
-        assert ema.shadow[1] == pytest.approx((10 * want).tolist())
+        assert ema.shadow[0].tolist() == pytest.approx([want, want])
     assert int(ema.num_updates) == 12 and ema.decay_now().item() == 0.5
-    before = [t.clone() for t in ema.shadow]
+    before = ema.shadow[0].clone()
     model.w.data.fill_(1e6)
     ema.update(model, applied=torch.tensor(False))  # a skipped step: no move, no count
-    assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow)) and int(ema.num_updates) == 12
-    model.initted.fill_(True)
+    assert torch.equal(ema.shadow[0], before) and int(ema.num_updates) == 12
+
+
+def test_ema_swaps_in_the_weights_and_keeps_the_codebook_as_trained():
+    model = WithCodebook()
+    ema = EMA(model, decay=0.9)
+    assert ema.names == ["w"]  # parameters only
+    model.w.data.fill_(3.0)
+    model.codebook.fill_(7.0)
+    ema.update(model)
     with ema.applied(model):
-        assert torch.equal(model.w, ema.shadow[0]) and torch.equal(model.codebook, ema.shadow[1])
-        assert bool(model.initted)  # states are used as they are
-    assert model.w[0].item() == 1e6 and model.codebook[0].item() == 120.0
+        assert torch.equal(model.w, ema.shadow[0]) and model.w[0].item() != 3.0
+        assert torch.equal(model.codebook, torch.full((3,), 7.0))  # the codebook the quantizer holds now
+    assert torch.equal(model.w, torch.full((2,), 3.0))
 
 
 def test_without_ema_the_export_holds_the_raw_weights(tmp_path):

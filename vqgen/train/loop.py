@@ -254,45 +254,36 @@ def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
 
 
-def _ema_tracked(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """What the EMA averages: the trainable parameters, then the floating-point buffers that are
-    saved with the model (a VQ codebook and its running statistics), in a fixed order.
-
-    vector-quantize-pytorch learns its codebook by an EMA of the encoder outputs (after k-means
-    init, with dead codes restarted), so the codebook is a buffer, moved in step with the encoder
-    and decoder. The EMA averages it over the same window as them: the averaged encoder's outputs
-    and the averaged decoder's inputs then match the averaged codebook, while the raw codebook
-    belongs to the raw encoder, a window ahead. Integer and boolean buffers (e.g. the codebook's
-    ``initted`` flag) are states, not estimates: the model's current value is used as it is.
-    """
-    saved = model.state_dict(keep_vars=True).keys()  # persistent buffers only; no copy is made
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    buffers = [(n, b) for n, b in model.named_buffers() if n in saved and b.is_floating_point()]
-    return params + buffers
-
-
 def _named_tensors(model: nn.Module, names: list[str]) -> list[torch.Tensor]:
-    """``model``'s parameters and buffers called ``names``, in that order."""
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    return [tensors[n] for n in names]
+    """``model``'s parameters called ``names``, in that order."""
+    params = dict(model.named_parameters())
+    return [params[n] for n in names]
 
 
 class EMA:
-    """Exponential moving average, in fp32, of the trainable parameters and floating-point
-    buffers as this process holds them: full tensors in a single process or under DDP, this
-    process's parameter shards under FSDP. Build it after ``accelerator.prepare``, which is where
-    FSDP shards the parameters.
+    """Exponential moving average, in fp32, of the trainable parameters as this process holds
+    them: full tensors in a single process or under DDP, this process's shards under FSDP. Build
+    it after ``accelerator.prepare``, which is where FSDP shards the parameters.
 
     The decay warms up: the update after ``n`` earlier ones uses ``min(decay, (1 + n) / (10 + n))``,
     so early weights (the random init above all) fade within tens of steps instead of
     ``1 / (1 - decay)``. Skipped steps (non-finite, fp16 overflow) neither move it nor count.
+
+    Buffers are used as trained, not averaged. The one learnt buffer here is the VQ codebook of
+    vector-quantize-pytorch, already a running average (of the encoder outputs each code wins),
+    with dead codes restarted at random encoder outputs; an average of it mixes a restarted
+    code's old and new places into a shorter vector (the codes are l2-normalised), which
+    nearest-code search by dot product then passes over. Measured on held-out photographs at
+    200 steps: averaged codebook 15.7 dB with 4% of the codes in use, the codebook as trained
+    16.5 dB with 81% (raw weights: 15.4 dB, 83%). With the warm-up, the EMA weights trail the
+    codebook by a short window only.
     """
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        tracked = _ema_tracked(model)
-        self.names = [n for n, _ in tracked]
-        self.shadow = [_local(t).detach().float().clone() for _, t in tracked]  # each of its local shape
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in trainable]
+        self.shadow = [_local(p).detach().float().clone() for _, p in trainable]  # each of its local shape
         device = self.shadow[0].device if self.shadow else torch.device("cpu")
         self.num_updates = torch.zeros((), dtype=torch.int64, device=device)
 
@@ -328,7 +319,7 @@ class EMA:
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[None]:
-        """Temporarily swap the EMA values into ``model`` (for export and previews); each
+        """Temporarily swap the EMA weights into ``model`` (for export and previews); each
         process swaps its own part, in place, so FSDP gathers the EMA weights meanwhile."""
         local = [_local(t) for t in _named_tensors(model, self.names)]
         backup = [t.detach().clone() for t in local]
