@@ -254,12 +254,6 @@ def _local(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
 
 
-def _named_tensors(model: nn.Module, names: list[str]) -> list[torch.Tensor]:
-    """``model``'s parameters called ``names``, in that order."""
-    params = dict(model.named_parameters())
-    return [params[n] for n in names]
-
-
 class EMA:
     """Exponential moving average, in fp32, of the trainable parameters as this process holds
     them: full tensors in a single process or under DDP, this process's shards under FSDP. Build
@@ -294,12 +288,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module, applied: torch.Tensor | None = None) -> None:
-        """Move the averages towards ``model``'s current values; ``applied`` (0-dim bool tensor,
-        default true) says whether this step's update was applied, without a host sync."""
+        """Move the averages towards ``model``'s weights; ``applied`` (0-dim bool tensor, default
+        true) says whether this step's update was applied, without a host sync."""
         applied = torch.ones((), dtype=torch.bool, device=self.num_updates.device) if applied is None else applied
         weight = (1.0 - self.decay_now()) * applied  # 0 for a skipped step
-        current = [_local(t).detach().float() for t in _named_tensors(model, self.names)]
-        torch._foreach_lerp_(self.shadow, current, [weight] * len(current))
+        params = [_local(p).detach().float() for p in model.parameters() if p.requires_grad]
+        torch._foreach_lerp_(self.shadow, params, [weight] * len(params))
         self.num_updates += applied
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -321,7 +315,8 @@ class EMA:
     def applied(self, model: nn.Module) -> Iterator[None]:
         """Temporarily swap the EMA weights into ``model`` (for export and previews); each
         process swaps its own part, in place, so FSDP gathers the EMA weights meanwhile."""
-        local = [_local(t) for t in _named_tensors(model, self.names)]
+        params = dict(model.named_parameters())
+        local = [_local(params[n]) for n in self.names]
         backup = [t.detach().clone() for t in local]
         with torch.no_grad():
             for t, s in zip(local, self.shadow):
