@@ -199,3 +199,34 @@ def test_vq_resume_after_sigterm_is_bit_exact(tmp_path, sigterm_at):
     b = load_weights(tmp_path / "resumed" / "model.safetensors")
     assert any("codebook" in k or "embed" in k for k in a)  # the VQ codebook state is in the comparison
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_discriminator_has_its_own_optimizer_state_and_resumes_exactly(tmp_path, sigterm_at):
+    """tokenizer.disc_lr / disc_betas / disc_grad_clip give the discriminator its own AdamW
+    settings; its moments are checkpointed and restored, so a GAN run resumes bit-exactly."""
+    from vqgen.checkpoint import load_weights
+    from vqgen.train import tokenizer as tt
+    from vqgen.train.loop import latest_checkpoint, lr_at
+
+    overrides = [*TINY_SHAPES, "tokenizer.gan_weight=0.5", "tokenizer.gan_start_step=0", "tokenizer.disc_lr=1e-3",
+                 "tokenizer.disc_betas=[0.5, 0.9]", "tokenizer.disc_grad_clip=0.5", "training.tokenizer.grad_clip=1.0",
+                 "training.tokenizer.steps=4"]
+    cfg = load_config(None, overrides)
+    straight = train_tokenizer(cfg, tmp_path / "straight", eval_num=0)
+    with sigterm_at(tt.FreshShapes, 1), pytest.raises(KeyboardInterrupt, match="stopped at step 2"):
+        train_tokenizer(load_config(None, overrides), tmp_path / "resumed", eval_num=0)
+    resumed = train_tokenizer(load_config(None, overrides), tmp_path / "resumed", eval_num=0)
+    assert resumed["grad_norm_discriminator"] == straight["grad_norm_discriminator"]
+
+    ckpt_a, ckpt_b = latest_checkpoint(tmp_path / "straight"), latest_checkpoint(tmp_path / "resumed")
+    a, b = load_weights(ckpt_a / "model.safetensors"), load_weights(ckpt_b / "model.safetensors")
+    assert any(k.startswith("discriminator.") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    opt_a = torch.load(ckpt_a / "optimizer.bin", weights_only=True)
+    opt_b = torch.load(ckpt_b / "optimizer.bin", weights_only=True)
+    groups = {g["name"]: g for g in opt_b["param_groups"] if g["params"]}
+    assert set(groups) == {"tokenizer", "discriminator"}
+    assert groups["discriminator"]["betas"] == (0.5, 0.9) and groups["tokenizer"]["betas"] == (0.9, 0.99)
+    assert groups["discriminator"]["lr"] == pytest.approx(lr_at(3, cfg.training.tokenizer, peak=1e-3))
+    disc = groups["discriminator"]["params"]
+    assert all(opt_b["state"][i]["step"].item() == 4 for i in disc)
+    assert all(torch.equal(opt_a["state"][i][k], opt_b["state"][i][k]) for i in disc for k in opt_b["state"][i])

@@ -8,12 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import toy_task
-from toy_task import train_toy
+from toy_task import train_toy, two_sets
 from vqgen.checkpoint import load_weights
-from vqgen.train.loop import IndexedBatches, TrainingError, latest_checkpoint, lr_at
 from vqgen.config import TrainConfig
+from vqgen.train.backends import clip_gradients
+from vqgen.train.loop import (
+    EMA,
+    IndexedBatches,
+    OptimizerSpec,
+    TrainingError,
+    build_optimizer,
+    latest_checkpoint,
+    lr_at,
+    setup_accelerator,
+)
 
 HERE = Path(__file__).parent
 
@@ -50,6 +61,122 @@ def test_nan_loss_stops_with_step_or_is_skipped(tmp_path):
     result = train_toy(tmp_path / "skip", {"steps": 6, "batch_size": 8, "on_nan": "skip"}, poison_step=3)
     assert result["skipped_steps"] == 1 and result["step"] == 6
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "skip").values())
+
+
+def test_nan_stop_is_read_at_the_next_sync_point_naming_the_first_bad_step(tmp_path):
+    """The check stays on the device: step 3's NaN is read at step 6 (the next log/checkpoint step),
+    named, and nothing after it is saved; the checkpoint of step 3 stays the newest."""
+    base = {"steps": 9, "batch_size": 8, "log_every": 3, "checkpoint_every": 3}
+    with pytest.raises(TrainingError, match=r"at step 3 \(toy\), seen at step 6; .*step_00000003"):
+        train_toy(tmp_path / "run", base, poison_step=3)
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000003"
+    assert not (tmp_path / "run" / "checkpoints" / "step_00000006").exists()
+
+
+def test_a_skipped_step_moves_neither_weights_nor_optimizer_nor_ema(tmp_path):
+    """A run whose last step (3) is skipped ends where a clean run stood after 3 steps."""
+    skipped = train_toy(tmp_path / "skipped", {"steps": 4, "batch_size": 8, "ema_decay": 0.9, "on_nan": "skip",
+                                                "checkpoint_every": 4}, poison_step=3)
+    train_toy(tmp_path / "clean", {"steps": 4, "batch_size": 8, "ema_decay": 0.9, "checkpoint_every": 3})
+    assert skipped["skipped_steps"] == 1
+    a, b = tmp_path / "skipped" / "checkpoints" / "step_00000004", tmp_path / "clean" / "checkpoints" / "step_00000003"
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_weights(a / name), load_weights(b / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wb), name
+    opt_a = torch.load(a / "optimizer.bin", weights_only=True)["state"]
+    opt_b = torch.load(b / "optimizer.bin", weights_only=True)["state"]
+    assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_b for k in opt_b[i])  # moments and step count
+    assert json.loads((a / "trainer_state.json").read_text())["ema_updates"] == 3
+    log = [json.loads(line) for line in (tmp_path / "skipped" / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in log] == [0, 1]
+
+
+class WithCodebook(nn.Module):
+    """A parameter and a float buffer that training moves (as a VQ codebook)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+        self.register_buffer("codebook", torch.zeros(3))
+
+
+def test_ema_warms_up_and_skips_what_was_not_applied():
+    model = WithCodebook()
+    ema = EMA(model, decay=0.5)
+    want = 0.0
+    for n in range(12):  # the warm-up reaches the cap (0.5) at n = 8
+        model.w.data.fill_(n + 1.0)
+        ema.update(model)
+        d = min(0.5, (1 + n) / (10 + n))
+        want = d * want + (1 - d) * (n + 1.0)
+        assert ema.shadow[0].tolist() == pytest.approx([want, want])
+    assert int(ema.num_updates) == 12 and ema.decay_now().item() == 0.5
+    before = ema.shadow[0].clone()
+    model.w.data.fill_(1e6)
+    ema.update(model, applied=torch.tensor(False))  # a skipped step: no move, no count
+    assert torch.equal(ema.shadow[0], before) and int(ema.num_updates) == 12
+
+
+def test_ema_swaps_in_the_weights_and_keeps_the_codebook_as_trained():
+    model = WithCodebook()
+    ema = EMA(model, decay=0.9)
+    assert ema.names == ["w"]  # parameters only
+    model.w.data.fill_(3.0)
+    model.codebook.fill_(7.0)
+    ema.update(model)
+    with ema.applied(model):
+        assert torch.equal(model.w, ema.shadow[0]) and model.w[0].item() != 3.0
+        assert torch.equal(model.codebook, torch.full((3,), 7.0))  # the codebook the quantizer holds now
+    assert torch.equal(model.w, torch.full((2,), 3.0))
+
+
+def test_without_ema_the_export_holds_the_raw_weights(tmp_path):
+    train_toy(tmp_path / "run", {"steps": 3, "batch_size": 8})
+    raw = load_weights(latest_checkpoint(tmp_path / "run") / "model.safetensors")
+    exported = weights(tmp_path / "run")
+    assert raw.keys() == exported.keys() and all(torch.equal(raw[k], exported[k]) for k in raw)
+
+
+def test_each_parameter_set_is_clipped_by_its_own_norm(tmp_path):
+    accelerator = setup_accelerator(TrainConfig(mixed_precision="no"), tmp_path)
+    a, b, c = (nn.Parameter(torch.zeros(4)) for _ in range(3))
+    a.grad, b.grad, c.grad = torch.full((4,), 5.0), torch.full((4,), 0.05), torch.full((4,), 5.0)  # norms 10, 0.1, 10
+    norms = clip_gradients(accelerator, None, [([a], 1.0), ([b], 1.0), ([c], 0.0)])
+    assert [n.item() for n in norms] == pytest.approx([10.0, 0.1, 10.0])
+    assert a.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    assert torch.equal(b.grad, torch.full((4,), 0.05))  # a joint clip (norm 14.1) would have scaled it too
+    assert torch.equal(c.grad, torch.full((4,), 5.0))  # max_norm 0: measured only
+
+
+def test_every_trainable_parameter_needs_exactly_one_set():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    first = OptimizerSpec("first", [{"params": list(model[0].parameters())}], 1e-3, (0.9, 0.99))
+    with pytest.raises(ValueError, match=r"in no optimizer set: \['1.weight', '1.bias'\]"):
+        build_optimizer(model, [first])
+    with pytest.raises(ValueError, match="in both optimizer sets 'first' and 'again'"):
+        build_optimizer(model, [first, OptimizerSpec("again", [{"params": list(model.parameters())}], 1e-3, (0.9, 0.99))])
+
+
+def test_parameter_sets_keep_their_own_settings_and_state_across_resume(tmp_path):
+    base = {"steps": 6, "batch_size": 16, "ema_decay": 0.9}
+    straight = train_toy(tmp_path / "straight", base, optimizers=two_sets, dropout=0.0)
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
+        train_toy(tmp_path / "resumed", base, optimizers=two_sets, dropout=0.0, kill_step=2)
+    resumed = train_toy(tmp_path / "resumed", base, optimizers=two_sets, dropout=0.0)
+    assert resumed["loss"] == straight["loss"] and resumed["grad_norm_head"] == straight["grad_norm_head"]
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    state = torch.load(latest_checkpoint(tmp_path / "resumed") / "optimizer.bin", weights_only=True)
+    groups = {g["name"]: g for g in state["param_groups"]}
+    cfg = TrainConfig(steps=6, warmup_steps=2, lr=1e-2)
+    assert groups["head"]["betas"] == (0.5, 0.9) and groups["first"]["betas"] == (0.9, 0.95)
+    assert groups["head"]["lr"] == pytest.approx(lr_at(5, cfg, peak=5e-3))  # its own peak, the run's schedule
+    assert groups["first"]["lr"] == pytest.approx(lr_at(5, cfg))
+    assert all(state["state"][i]["step"].item() == 6 for i in groups["head"]["params"])  # moments of the head set
+    # the head's gradient (clip 0.01) is clipped on its own; the first layer's norm is logged apart
+    log = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm_head"] > 0.01 and r["grad_norm"] != r["grad_norm_head"] for r in log)
 
 
 def test_a_step_skipped_mid_accumulation_leaves_no_gradient_behind(tmp_path):

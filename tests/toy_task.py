@@ -15,7 +15,7 @@ from torch import nn
 
 from vqgen.checkpoint import save_pretrained
 from vqgen.config import Config, TrainConfig, from_dict
-from vqgen.train.loop import IndexedBatches, Task, fit, setup_accelerator
+from vqgen.train.loop import IndexedBatches, OptimizerSpec, Task, fit, setup_accelerator
 
 
 class Regression(nn.Module):
@@ -51,7 +51,17 @@ def toy_dataset(n: int = 256) -> list[dict]:
     return [{"x": x[i], "y": y[i]} for i in range(n)]
 
 
-def train_toy(out_dir: Path, overrides: dict, **model_kwargs) -> dict:
+def two_sets(model: Regression, cfg: TrainConfig) -> list[OptimizerSpec]:
+    """The two layers as parameter sets with settings of their own (as a GAN's two networks)."""
+    return [
+        OptimizerSpec("first", [{"params": list(model.net[0].parameters()), "weight_decay": 0.0}], cfg.lr,
+                      tuple(cfg.betas), cfg.grad_clip),
+        OptimizerSpec("head", [{"params": list(model.net[3].parameters()), "weight_decay": 0.0}], cfg.lr / 2,
+                      (0.5, 0.9), 0.01),
+    ]
+
+
+def train_toy(out_dir: Path, overrides: dict, optimizers=None, **model_kwargs) -> dict:
     cfg = from_dict(TrainConfig, {"warmup_steps": 2, "lr": 1e-2, "checkpoint_every": 1000, "log_every": 2,
                                   "mixed_precision": "no", **overrides})
     accelerator = setup_accelerator(cfg, out_dir)
@@ -61,6 +71,7 @@ def train_toy(out_dir: Path, overrides: dict, **model_kwargs) -> dict:
         model=model,
         batches=IndexedBatches(toy_dataset(), cfg.batch_size, seed=cfg.seed),
         export=lambda state, d: save_pretrained(d, "toy", {}, state),
+        optimizers=optimizers,
     )
     return fit(accelerator, task, cfg, Config(name="toy"), out_dir)
 

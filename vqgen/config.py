@@ -85,6 +85,11 @@ class TokenizerConfig:
     lpips_path: str = ""
     gan_weight: float = 0.0  # PatchGAN hinge loss with adaptive weight; 0 = off
     gan_start_step: int = 0
+    # the discriminator's own AdamW settings and gradient clip (unset = training.tokenizer's
+    # lr, betas, grad_clip); its learning rate follows the same warm-up + cosine schedule
+    disc_lr: float | None = None
+    disc_betas: list[float] | None = None
+    disc_grad_clip: float | None = None
 
 
 # the names of vqgen.model.SIZES (a test keeps the two in step)

@@ -1,10 +1,12 @@
 """Tokenizer training objective: reconstruction + quantizer loss (+ LPIPS) (+ PatchGAN).
 
 ``TokenizerTrainer`` bundles the tokenizer, the optional discriminator and the optional
-frozen LPIPS network into ONE module, so a single optimizer trains everything: the
-generator's adversarial term calls the discriminator through ``torch.func.functional_call``
+frozen LPIPS network into ONE module, so one loss and one backward pass train both networks:
+the generator's adversarial term calls the discriminator through ``torch.func.functional_call``
 with detached parameters (gradients reach the decoder only), and the discriminator's hinge
-term sees detached reconstructions (gradients reach the discriminator only).
+term sees detached reconstructions (gradients reach the discriminator only). The training
+loop steps the two parameter sets with their own learning rates, betas and gradient clips
+(``vqgen.train.tokenizer.tokenizer_optimizers``).
 
 LPIPS weights are never downloaded. Point ``tokenizer.lpips_path`` at a local file (see
 ``load_lpips`` for the accepted layouts).
@@ -206,5 +208,7 @@ class TokenizerTrainer(nn.Module):
             metrics |= {"g_loss": g_loss.detach(), "d_loss": d_loss.detach(), "d_weight": weight}
 
         metrics["psnr"] = psnr(recon.detach(), images)
-        metrics["usage"] = torch.tensor(codes.unique().numel() / self.tokenizer.codebook_size)
+        # codes seen in this batch, counted on the device (unique() would wait for the host)
+        seen = torch.zeros(self.tokenizer.codebook_size, device=codes.device).index_fill_(0, codes.flatten(), 1.0)
+        metrics["usage"] = seen.mean()
         return loss, metrics

@@ -9,6 +9,8 @@ The loop is written once for every backend; this module holds the few facts that
   config's (``"auto"`` in ``configs/accelerate/deepspeed_zero2.json``, filled in here);
 - **precision**: whether a loss scaler skips overflowing fp16 steps by itself, and the autocast
   a DeepSpeed engine that holds the model in 16 bits needs for fp32 inputs;
+- **clipping**: each parameter set by its own gradient norm, after one unscaling (DeepSpeed's
+  engine clips everything jointly, inside ``backward()``);
 - **DeepSpeed's checkpoints**: its engine writes torch pickles and reads them back with
   ``weights_only=False``; here they are read with ``weights_only=True``, allowing only the
   few DeepSpeed classes its ZeRO optimizer state holds.
@@ -22,6 +24,7 @@ import pickle
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from vqgen.config import TrainConfig
 
@@ -89,8 +92,8 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
     if cfg.on_nan != "stop":
         raise BackendError(
             f"on_nan={cfg.on_nan!r} cannot be honoured under DeepSpeed: its engine steps the optimizer inside "
-            "backward(), before the loop sees a non-finite gradient; use on_nan=stop (the run then stops at the "
-            "step, and resumes from the last checkpoint)"
+            "backward(), before the loop sees a non-finite gradient; use on_nan=stop (the run then stops at the next "
+            "log or checkpoint step, naming the bad step, and resumes from the last checkpoint)"
         )
     wanted: dict[str, tuple[Any, str]] = {
         "train_micro_batch_size_per_gpu": (cfg.batch_size, "batch_size"),
@@ -114,6 +117,31 @@ def has_loss_scaler(accelerator) -> bool:
     (fp16 on GPUs), or DeepSpeed's engine under fp16."""
     deepspeed_fp16 = layout(accelerator) == "deepspeed" and accelerator.mixed_precision == "fp16"
     return accelerator.scaler is not None or deepspeed_fp16
+
+
+def _plain_norm(norm: Any) -> torch.Tensor | None:
+    """A gradient norm as a float tensor: FSDP2's is a replicated DTensor, DeepSpeed's a float
+    (None before its engine has computed one)."""
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return None if norm is None else torch.as_tensor(norm).detach().float()
+
+
+def clip_gradients(accelerator, model, sets: list[tuple[list, float]]) -> list[torch.Tensor | None]:
+    """Clip each ``(parameters, max_norm)`` set by the global norm of its own gradients (``max_norm``
+    0: measure only) and return each set's norm before clipping, on the device (no host sync).
+
+    The fp16 loss scaler's gradients are unscaled once, for all sets (``accelerator.clip_grad_norm_``
+    would unscale at every call, which the scaler refuses). Under DeepSpeed the engine has already
+    clipped every gradient jointly by its ``gradient_clipping``: its one norm stands for every set.
+    """
+    if layout(accelerator) == "deepspeed":
+        norm = _plain_norm(accelerator.clip_grad_norm_(model.parameters(), 1.0))  # returns the engine's norm
+        return [norm] * len(sets)
+    accelerator.unscale_gradients()
+    # under FSDP2 the gradients are DTensor shards and the norm is the global one
+    return [_plain_norm(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+            if any(p.grad is not None for p in params) else None for params, max_norm in sets]
 
 
 def input_autocast(accelerator) -> contextlib.AbstractContextManager:

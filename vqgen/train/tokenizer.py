@@ -23,11 +23,11 @@ from PIL import Image
 from torch import nn
 
 from vqgen.checkpoint import atomic_write_text, substate, training_state
-from vqgen.config import Config, ConfigError
+from vqgen.config import Config, ConfigError, TokenizerConfig, TrainConfig
 from vqgen.data.loaders import build_dataset
 from vqgen.eval.tokenizer import evaluate_tokenizer, heldout_dataset
 from vqgen.tokenizer import TokenizerTrainer, VQTokenizer
-from vqgen.train.loop import IndexedBatches, Task, collate, fit, setup_accelerator
+from vqgen.train.loop import IndexedBatches, OptimizerSpec, Task, collate, default_param_groups, fit, setup_accelerator
 
 # index space of the "endless" training stream of shapes scenes
 ENDLESS = 2**62
@@ -84,6 +84,23 @@ def make_preview(cfg: Config):
     return preview
 
 
+def tokenizer_optimizers(model: TokenizerTrainer, train: TrainConfig, tok: TokenizerConfig) -> list[OptimizerSpec]:
+    """The tokenizer (encoder, quantizer, decoder) and the discriminator as two parameter sets:
+    GAN training wants its own learning rate and betas for the discriminator, and a clip by its
+    own gradient norm, which a joint norm would let the other network's gradients dominate."""
+    sets = [OptimizerSpec("tokenizer", default_param_groups(model.tokenizer, train.weight_decay), train.lr,
+                          tuple(train.betas), train.grad_clip)]
+    if model.discriminator is not None:
+        sets.append(OptimizerSpec(
+            "discriminator",
+            default_param_groups(model.discriminator, train.weight_decay),
+            lr=train.lr if tok.disc_lr is None else tok.disc_lr,
+            betas=tuple(train.betas if tok.disc_betas is None else tok.disc_betas),
+            grad_clip=train.grad_clip if tok.disc_grad_clip is None else tok.disc_grad_clip,
+        ))  # fmt: skip
+    return sets
+
+
 def build_task(cfg: Config) -> Task:
     """The tokenizer as a ``Task`` for the shared loop (build after ``setup_accelerator``)."""
     tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
@@ -93,6 +110,7 @@ def build_task(cfg: Config) -> Task:
         batches=training_batches(cfg),
         export=lambda state, directory: tokenizer.save_pretrained(directory, substate(state, "tokenizer")),
         preview=make_preview(cfg),
+        optimizers=lambda model, train: tokenizer_optimizers(model, train, cfg.tokenizer),
     )
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from vqgen.checkpoint import atomic_write_text, substate, training_state
 from vqgen.config import Config, ConfigError
 from vqgen.model import Transformer, TransformerConfig
-from vqgen.train.loop import IndexedBatches, Task, fit, setup_accelerator
+from vqgen.train.loop import IndexedBatches, OptimizerSpec, Task, fit, setup_accelerator
 
 
 class NextCodeLoss(nn.Module):
@@ -151,7 +151,9 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
             directory, extra_config=extra, state=substate(state, "transformer")
         ),
         preview=make_preview(cfg, encoder, tokenizer),
-        param_groups=lambda model, wd: model.transformer.param_groups(wd),
+        optimizers=lambda model, c: [
+            OptimizerSpec("transformer", model.transformer.param_groups(c.weight_decay), c.lr, tuple(c.betas), c.grad_clip)
+        ],
     )
     metrics = fit(accelerator, task, train_cfg, cfg, out_dir)
     metrics["training_state"] = training_state(metrics["step"], train_cfg.steps)
