@@ -45,10 +45,15 @@ class DataConfig:
     holdout: list[str] = field(default_factory=lambda: ["green triangle", "white square"])
     # -- real data
     path: str = ""  # image folder, or a glob / brace pattern of WebDataset tar shards
-    missing_caption: str = "error"  # error | skip | empty (empty = unconditional sample)
+    missing_caption: str = "skip"  # skip | error | empty (empty = unconditional sample)
+    on_bad_sample: str = "skip"  # skip | error: an unreadable image or a damaged shard
+    # held-out images for every held-out metric, never trained on: a separate folder or shard
+    # pattern, or a share of data.path's files (its shards, for a WebDataset) chosen by path hash
+    eval_path: str = ""
+    eval_fraction: float = 0.0
     codes: str = ""  # pre-tokenized code shards (python -m vqgen.data encode); empty = encode here
     shuffle_buffer: int = 1000  # webdataset: samples held to shuffle the stream (0 = shard order)
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes decoding images (0 = in the training process)
 
 
 @dataclass
