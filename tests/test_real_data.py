@@ -168,6 +168,24 @@ def test_shard_batches_count_bad_samples(tmp_path):
     }  # fmt: skip
 
 
+def test_encode_drops_unreadable_images_and_records_the_counts(tmp_path):
+    from vqgen.config import TokenizerConfig
+    from vqgen.data.codes import CodeShards, encode_dataset
+    from vqgen.tokenizer import VQTokenizer
+
+    root = make_folder(tmp_path / "images", 6, size=16)
+    (root / "003.png").write_bytes(b"not an image")
+    torch.manual_seed(0)
+    VQTokenizer(TokenizerConfig(channels=8, channel_mult=[1, 1, 2]), 16).save_pretrained(tmp_path / "tok")
+    cfg = DataConfig(kind="folder", path=str(root), resolution=16)
+    with pytest.warns(SkippedSampleWarning):
+        stats = encode_dataset(tmp_path / "tok", cfg, tmp_path / "codes", shard_size=4, batch_size=3)
+    codes = CodeShards(tmp_path / "codes")
+    assert stats["count"] == len(codes) == 5 and stats["skipped_samples"] == {"corrupt": 1}
+    assert codes.captions == ["image 0", "image 1", "image 2", "image 4", "image 5"]
+    assert [len(s) for s in codes.shards] == [3, 2] and codes.meta["skipped_samples"] == {"corrupt": 1}
+
+
 # --------------------------------------------------------------------------------------
 # Training both models from WebDataset shards
 # --------------------------------------------------------------------------------------

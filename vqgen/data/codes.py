@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -142,7 +143,7 @@ def encode_dataset(
     """
     from accelerate import Accelerator
 
-    from vqgen.data.loaders import WebDatasetSamples
+    from vqgen.data.loaders import SkippedSampleWarning, WebDatasetSamples
     from vqgen.tokenizer import VQTokenizer
 
     if shard_size < 1 or batch_size < 1:
@@ -194,7 +195,10 @@ def encode_dataset(
     for shard in todo:
         codes, captions, skipped = [empty], [], Counter()
         for batch in _shard_loader(dataset, shard, shard_size, batch_size, data_cfg):
-            skipped.update(s.reason for s in batch["skipped"])
+            for dropped in batch["skipped"]:
+                if not skipped[dropped.reason]:  # name the first of each reason; meta.json counts them all
+                    warnings.warn(f"skipping {dropped.message}", SkippedSampleWarning, stacklevel=2)
+                skipped[dropped.reason] += 1
             if batch["image"] is not None:
                 codes.append(tokenizer.encode(batch["image"].to(accelerator.device)).cpu().numpy().astype(dtype))
                 captions += batch["caption"]

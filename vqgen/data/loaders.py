@@ -539,25 +539,25 @@ def webdataset_samples(
     return WebDatasetSamples(urls, resolution, missing_caption, shuffle, seed, on_bad_sample)
 
 
-def readable_samples(dataset: Dataset, num: int) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """The first ``num`` usable samples of a map-style or iterable dataset, and the counts of
-    those dropped on the way (by reason); for small held-out sets, read once and kept."""
+def readable_samples(dataset: Dataset, num: int, on_bad_sample: str = "skip") -> tuple[list[dict[str, Any]], Counter[str]]:
+    """The first ``num`` usable samples of a map-style dataset or of every shard of a
+    :class:`WebDatasetSamples` (in order, not split by process), and the counts of those dropped
+    on the way by reason: for small held-out sets, read once and kept."""
+    if isinstance(dataset, WebDatasetSamples):
+        items: Iterator[dict[str, Any] | Skipped] = iter(ShardSamples(dataset, dataset.shards))
+    else:
+        tolerant = Tolerant(dataset, on_bad_sample)
+        items = (tolerant[i] for i in range(len(dataset)))
     samples: list[dict[str, Any]] = []
     skipped: Counter[str] = Counter()
-    if isinstance(dataset, IterableDataset):
-        for sample in dataset:
-            if len(samples) == num:
-                break
-            samples.append(sample)
-        return samples, Counter(dataset.skipped)
-    for i in range(len(dataset)):
+    for item in items:
         if len(samples) == num:
             break
-        try:
-            samples.append(dataset[i])
-        except BadSample as e:
-            skipped[e.reason] += 1
-            _skip_warning(f"skipping: {e}")
+        if isinstance(item, Skipped):
+            skipped[item.reason] += 1
+            _skip_warning(f"skipping {item.message}")
+        else:
+            samples.append(item)
     return samples, skipped
 
 

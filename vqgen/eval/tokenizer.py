@@ -59,7 +59,7 @@ def training_images(data_cfg: DataConfig, num: int) -> Dataset:
 def _first_images(data_cfg: DataConfig, split: str, num: int) -> list[dict[str, Any]]:
     from vqgen.data.loaders import DataError, build_dataset, readable_samples
 
-    samples, _ = readable_samples(build_dataset(data_cfg, split), num)
+    samples, _ = readable_samples(build_dataset(data_cfg, split), num, data_cfg.on_bad_sample)
     if not samples:
         raise DataError(f"the {split} split of data.path={data_cfg.path!r} holds no readable image")
     return samples
