@@ -96,6 +96,9 @@ class LoaderBatches:
             collate_fn=collate_fn,
             pin_memory=self.device.type == "cuda",  # so that .to(device, non_blocking=True) overlaps
             prefetch_factor=4 if workers else None,
+            # its own generator: starting workers draws a seed, which must not advance the
+            # training RNG (a resumed run starts them at another step than a straight one)
+            generator=torch.Generator().manual_seed(0),
             **kwargs,
         )
 
