@@ -27,6 +27,7 @@ reason is named in a warning.
 
 from __future__ import annotations
 
+import abc
 import itertools
 import warnings
 from collections import Counter
@@ -49,7 +50,7 @@ from vqgen.data.loaders import (
 from vqgen.train.loop import IndexedBatches
 
 
-class LoaderBatches:
+class LoaderBatches(abc.ABC):
     """``(i, rank, world) -> batch`` read from a DataLoader that subclasses start at step ``i``."""
 
     def __init__(self, batch_size: int, num_workers: int, device: torch.device | str = "cpu"):
@@ -60,9 +61,9 @@ class LoaderBatches:
         self._batches: Iterator[dict[str, Any]] | None = None
         self._next: tuple[int, int, int] | None = None
 
+    @abc.abstractmethod
     def loader(self, start: int, rank: int, world: int) -> DataLoader:
         """A DataLoader whose ``n``-th batch is that of micro-step ``start + n``."""
-        raise NotImplementedError
 
     def __call__(self, i: int, rank: int, world: int) -> dict[str, Any]:
         if self._next != (i, rank, world):
