@@ -15,10 +15,14 @@ from torch.utils.data import DataLoader
 
 from vqgen.config import ConfigError, DataConfig
 from vqgen.data.loaders import (
+    BadSample,
     DataError,
     ImageFolderDataset,
+    Skipped,
     SkippedSampleWarning,
+    Tolerant,
     build_dataset,
+    collate_usable,
     image_to_tensor,
     webdataset_samples,
 )
@@ -124,7 +128,7 @@ def test_folder_reads_sidecar_captions_recursively(tmp_path):
     assert ds[-1]["caption"] == "blue"
     with pytest.raises(IndexError):
         ds[3]
-    assert ds.skipped == {"no_caption": 0, "corrupt": 0}
+    assert ds.skipped == {"no_caption": 0}
 
 
 def test_folder_caption_tables(tmp_path):
@@ -156,13 +160,13 @@ def test_folder_caption_table_errors(tmp_path):
 def test_folder_missing_caption_policies(tmp_path):
     root = make_folder(tmp_path, {"a.png": solid(RED), "b.png": solid(GREEN), "c.png": solid(BLUE)}, {"b.png": "green"})
     with pytest.raises(DataError) as err:
-        ImageFolderDataset(root, R)
+        ImageFolderDataset(root, R, missing_caption="error")
     assert str(err.value) == (
         f"{root / 'a.png'} has no caption (2 of 3 images under {root} lack one): add a.txt next to it, "
         "or set data.missing_caption=skip (drop them) or data.missing_caption=empty (train them unconditionally)"
     )
 
-    skipped = ImageFolderDataset(root, R, missing_caption="skip")
+    skipped = ImageFolderDataset(root, R)  # skip is the default
     assert len(skipped) == 1 and skipped[0]["caption"] == "green"
     assert skipped.skipped["no_caption"] == 2
 
@@ -174,7 +178,7 @@ def test_folder_missing_caption_policies(tmp_path):
         ImageFolderDataset(root, R, missing_caption="drop")
 
 
-def test_folder_skips_corrupt_images(tmp_path):
+def test_folder_reports_corrupt_images_and_tolerant_skips_them(tmp_path):
     root = make_folder(tmp_path, {"a.png": solid(RED), "d.png": solid(BLUE)}, {"a.png": "red", "d.png": "blue"})
     (root / "b.png").write_bytes(b"definitely not a png")
     (root / "c.png").write_bytes(encoded(solid(GREEN, (64, 64)))[:60])  # truncated mid-file
@@ -182,20 +186,18 @@ def test_folder_skips_corrupt_images(tmp_path):
         (root / f"{name}.txt").write_text(name)
     ds = ImageFolderDataset(root, R)
     assert len(ds) == 4  # validated lazily
+    with pytest.raises(BadSample, match=f"cannot read image {root / 'b.png'}: not a recognised image format") as err:
+        ds[1]
+    assert err.value.reason == "corrupt"
 
-    with pytest.warns(SkippedSampleWarning) as record:
-        sample = ds[1]
-    assert sample["caption"] == "blue"  # b and c are corrupt: the next readable index is d
-    assert [str(w.message) for w in record] == [
-        f"skipping: cannot read image {root / 'b.png'}: not a recognised image format",
-        f"skipping: cannot read image {root / 'c.png'}: image file is truncated",
-    ]
-    assert ds.skipped["corrupt"] == 2 and ds.corrupt_files == [root / "b.png", root / "c.png"]
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # known-corrupt files are skipped without decoding again
-        assert [s["caption"] for s in ds] == ["red", "blue", "blue", "blue"]
-    assert ds.skipped["corrupt"] == 2
+    tolerant = Tolerant(ds)
+    items = [tolerant[i] for i in range(4)]
+    assert items[2] == Skipped("corrupt", f"cannot read image {root / 'c.png'}: image file is truncated")
+    batch = collate_usable(items)
+    assert batch["caption"] == ["red", "blue"] and batch["image"].shape == (2, 3, R, R)  # no stand-ins
+    assert [s.reason for s in batch["skipped"]] == ["corrupt", "corrupt"]
+    with pytest.raises(DataError, match=r"b.png: not a recognised image format; fix or remove it, or set data.on_bad_sample=skip"):
+        Tolerant(ds, on_bad_sample="error")[1]
 
 
 def test_folder_errors(tmp_path):
@@ -269,13 +271,13 @@ def test_webdataset_missing_caption_policies(tmp_path):
     }
     shard = write_tar(tmp_path / "000.tar", members)
     with pytest.raises(DataError) as err:
-        list(webdataset_samples(str(shard), R))
+        list(webdataset_samples(str(shard), R, missing_caption="error"))
     assert str(err.value) == (
         f"{shard}:000000.png has no caption (no 000000.txt, and no 'caption' or 'text' in its .json): fix the "
         "shard, or set data.missing_caption=skip (drop such samples) or data.missing_caption=empty "
         "(train them unconditionally)"
     )
-    skipped = webdataset_samples([shard], R, missing_caption="skip")
+    skipped = webdataset_samples([shard], R)  # skip is the default
     assert [s["caption"] for s in skipped] == ["caption 1"] and skipped.skipped == {"no_caption": 1}
     assert [s["caption"] for s in webdataset_samples(shard, R, missing_caption="empty")] == ["", "caption 1"]
 
@@ -342,7 +344,7 @@ def test_build_dataset_errors(tmp_path):
         build_dataset(DataConfig(kind="folder", path=str(tmp_path / "x")))
     with pytest.raises(ConfigError, match=r"^config key 'data.path': shard pattern '.*' matches no file$"):
         build_dataset(DataConfig(kind="webdataset", path=str(tmp_path / "*.tar")))
-    with pytest.raises(ConfigError, match="data.kind=folder has only a 'train' split, not 'holdout'"):
+    with pytest.raises(ConfigError, match="data.kind=folder has the splits 'train' and 'eval', not 'holdout'"):
         build_dataset(DataConfig(kind="folder", path=str(tmp_path)), split="holdout")
 
 

@@ -52,10 +52,15 @@ class DataConfig:
     holdout: list[str] = field(default_factory=list)
     # -- real data
     path: str = ""  # image folder, or a glob / brace pattern of WebDataset tar shards
-    missing_caption: Literal["error", "skip", "empty"] = "error"  # empty = unconditional sample
+    missing_caption: Literal["skip", "error", "empty"] = "skip"  # empty = unconditional sample
+    on_bad_sample: Literal["skip", "error"] = "skip"  # an unreadable image or a damaged shard
+    # held-out images for every held-out metric, never trained on: a separate folder or shard
+    # pattern, or a share of data.path's files (its shards, for a WebDataset) chosen by path hash
+    eval_path: str = ""
+    eval_fraction: float = 0.0
     codes: str = ""  # pre-tokenized code shards (python -m vqgen.data encode); empty = encode here
     shuffle_buffer: int = 1000  # webdataset: samples held to shuffle the stream (0 = shard order)
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader processes decoding images (0 = in the training process)
 
 
 @dataclass

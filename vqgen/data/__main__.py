@@ -4,6 +4,9 @@
         writes 000000.png, 000001.png, ... and prompts.txt (one caption per line, same order)
     python -m vqgen.data encode --tokenizer DIR --data CONFIG --out DIR [key=value ...]
         pre-tokenizes a dataset into code shards (see vqgen.data.codes)
+    python -m vqgen.data photos --out DIR [--shards]
+        scikit-image's colour photographs as captioned crops, train and held-out cut from
+        different photographs (see vqgen.data.photos)
 
 Each command is a ``Command(help, add_arguments, run)`` in ``COMMANDS``; adding one takes
 an entry and two functions.
@@ -20,7 +23,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from vqgen.checkpoint import atomic_write_text
-from vqgen.data import codes
+from vqgen.data import codes, photos
 
 
 class Command(NamedTuple):
@@ -68,6 +71,11 @@ def run_shapes(args: argparse.Namespace) -> None:
 COMMANDS: dict[str, Command] = {
     "shapes": Command("render captioned-shapes images and prompts.txt", add_shapes_arguments, run_shapes),
     "encode": Command("pre-tokenize a dataset into code shards", codes.add_arguments, codes.run),
+    "photos": Command(
+        "scikit-image's photographs as a captioned image folder (and shards), held out by photograph",
+        photos.add_arguments,
+        photos.run,
+    ),
 }
 
 

@@ -5,24 +5,33 @@
 
 Layout of ``--out``::
 
-    meta.json             grid, codebook size, dtype, count, shard size, tokenizer path + sha256, data config
+    meta.json             grid, codebook size, dtype, sources, count, tokenizer path + sha256, data config
     codes-00000.npy       [n, h, w] uint16 (int32 for codebooks over 65,536 codes), memory-mappable
     captions-00000.json   the n captions of that shard, in order
+    skipped-00000.json    samples of that shard dropped as unusable, by reason (only if any)
     ...
 
-A shard is finished when its ``.npy`` exists (it is renamed into place after its captions), so
-an interrupted run resumes by skipping finished shards. ``meta.json`` is rewritten with
-``"complete": true`` once every shard exists; ``CodeShards`` refuses an incomplete directory.
-Transformer training reads ``CodeShards`` and never runs the tokenizer encoder.
+Code shard ``k`` holds the usable images among source images ``[k * shard_size, (k + 1) *
+shard_size)`` of a map-style dataset (shapes, an image folder), or of tar shard ``k`` of a
+WebDataset (in the shard's order); an unreadable image or a missing caption (under
+``data.missing_caption=skip``) is dropped, never replaced, so ``count`` (the images encoded)
+is known once every shard is written. A shard is finished when its ``.npy`` exists (it is
+renamed into place after its captions), so an interrupted run resumes by skipping finished
+shards. ``meta.json`` is rewritten with ``"complete": true``, the count and the skipped totals
+once every shard exists; ``CodeShards`` refuses an incomplete directory. Transformer training
+reads ``CodeShards`` and never runs the tokenizer encoder.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import hashlib
 import io
 import json
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +46,10 @@ from vqgen.config import ConfigError, DataConfig, load_config
 FORMAT = "vqgen-codes/1"
 META = "meta.json"
 # the data settings that decide which images (and captions) get encoded, in which order
-IMAGE_KEYS = ("kind", "resolution", "seed", "num", "min_objects", "max_objects", "holdout", "path", "missing_caption")
+IMAGE_KEYS = (
+    "kind", "resolution", "seed", "num", "min_objects", "max_objects", "holdout", "path", "missing_caption",
+    "eval_path", "eval_fraction",
+)  # fmt: skip
 
 
 class CodeShardsError(RuntimeError):
@@ -72,20 +84,28 @@ def save_array(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
 
 
-def _collate(samples: list[dict]) -> dict:
-    return {"image": torch.stack([s["image"] for s in samples]), "caption": [s["caption"] for s in samples]}
+def skipped_path(directory: Path, shard: int) -> Path:
+    return Path(directory) / f"skipped-{shard:05d}.json"
 
 
 def source_dataset(data_cfg: DataConfig) -> Dataset:
-    """The training images to pre-tokenize: shapes scenes ``0..data.num-1`` or an image folder."""
-    if data_cfg.kind == "webdataset":
-        raise ConfigError(
-            "data.kind=webdataset cannot be pre-tokenized by index; extract the shards into an image "
-            "folder (data.kind=folder) and encode that"
-        )
+    """The training images to pre-tokenize: shapes scenes ``0..data.num-1``, an image folder's
+    training split, or the training shards of a WebDataset (a ``WebDatasetSamples``)."""
     from vqgen.data.loaders import build_dataset
 
-    return build_dataset(data_cfg, "train")
+    return build_dataset(dataclasses.replace(data_cfg, shuffle_buffer=0), "train")
+
+
+def _shard_loader(dataset: Dataset, shard: int, shard_size: int, batch_size: int, data_cfg: DataConfig) -> DataLoader:
+    """Batches (``collate_usable``) of the source images of code shard ``shard``."""
+    from vqgen.data.loaders import ShardSamples, Tolerant, WebDatasetSamples, collate_usable
+
+    if isinstance(dataset, WebDatasetSamples):  # one tar shard: one reader, decoding ahead in a worker
+        source, workers = ShardSamples(dataset, [dataset.shards[shard]]), min(1, data_cfg.num_workers)
+    else:
+        indices = range(shard * shard_size, min((shard + 1) * shard_size, len(dataset)))
+        source, workers = Subset(Tolerant(dataset, data_cfg.on_bad_sample), indices), data_cfg.num_workers
+    return DataLoader(source, batch_size=batch_size, num_workers=workers, collate_fn=collate_usable)
 
 
 # --------------------------------------------------------------------------------------
@@ -96,7 +116,7 @@ def source_dataset(data_cfg: DataConfig) -> Dataset:
 def _check_meta(out_dir: Path, expected: dict[str, Any]) -> None:
     """Refuse to mix shards of another tokenizer, dataset or shard size into ``out_dir``."""
     existing = json.loads((out_dir / META).read_text())
-    keys = ("format", "grid", "codebook_size", "tokenizer_sha256", "count", "shard_size", "data")
+    keys = ("format", "grid", "codebook_size", "tokenizer_sha256", "sources", "shard_size", "data")
     differ = [k for k in keys if existing.get(k) != expected[k]]
     if differ:
         raise CodeShardsError(
@@ -113,15 +133,17 @@ def encode_dataset(
     shard_size: int = 4096,
     batch_size: int = 256,
     accelerator=None,
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Encode ``data_cfg``'s training images into code shards under ``out_dir``.
 
     With an ``accelerate`` Accelerator of ``world`` processes, rank ``r`` encodes shards
     ``r, r + world, ...``. Finished shards are skipped. Returns this process's counts of
-    ``encoded`` and ``skipped`` shards, and ``num_shards``.
+    ``encoded`` and ``skipped`` shards, ``num_shards``, and (from the main process) the
+    ``count`` of images encoded and the ``skipped_samples`` by reason.
     """
     from accelerate import Accelerator
 
+    from vqgen.data.loaders import SkippedSampleWarning, WebDatasetSamples
     from vqgen.tokenizer import VQTokenizer
 
     if shard_size < 1 or batch_size < 1:
@@ -136,19 +158,21 @@ def encode_dataset(
             f"{tokenizer.resolution}px images; pass data.resolution={tokenizer.resolution}"
         )
     dataset = source_dataset(data_cfg)
-    count = len(dataset)
-    if count == 0:
+    streamed = isinstance(dataset, WebDatasetSamples)
+    sources: int | list[str] = dataset.shards if streamed else len(dataset)
+    if not sources:
         raise ValueError(f"the dataset (data.kind={data_cfg.kind}) is empty; nothing to encode")
-    num_shards = -(-count // shard_size)
+    num_shards = len(sources) if streamed else -(-sources // shard_size)
     dtype = code_dtype(tokenizer.codebook_size)
     meta = {
         "format": FORMAT,
         "grid": list(tokenizer.grid),
         "codebook_size": tokenizer.codebook_size,
         "dtype": dtype.name,
-        "count": count,
-        "shard_size": shard_size,
+        "sources": sources,  # source images, or the tar shards (one code shard each)
+        "shard_size": None if streamed else shard_size,
         "num_shards": num_shards,
+        "count": None,  # images encoded: known once every shard is written
         "tokenizer": str(tokenizer_dir.resolve()),
         "tokenizer_sha256": file_sha256(tokenizer_dir / "model.safetensors"),
         "data": {k: getattr(data_cfg, k) for k in IMAGE_KEYS},
@@ -165,30 +189,44 @@ def encode_dataset(
 
     mine = range(rank, num_shards, world)
     todo = [k for k in mine if not codes_path(out_dir, k).is_file()]
-    total = sum(min(shard_size, count - k * shard_size) for k in todo)
+    total = None if streamed else sum(min(shard_size, sources - k * shard_size) for k in todo)
     bar = tqdm(total=total, unit="img", desc=f"encode -> {out_dir}", disable=not accelerator.is_main_process)
+    empty = np.zeros((0, *tokenizer.grid), dtype)
     for shard in todo:
-        indices = range(shard * shard_size, min((shard + 1) * shard_size, count))
-        loader = DataLoader(
-            Subset(dataset, indices), batch_size=batch_size, num_workers=data_cfg.num_workers, collate_fn=_collate
-        )
-        codes, captions = [], []
-        for batch in loader:
-            codes.append(tokenizer.encode(batch["image"].to(accelerator.device)).cpu().numpy().astype(dtype))
-            captions += batch["caption"]
-            bar.update(len(batch["caption"]))
+        codes, captions, skipped = [empty], [], Counter()
+        for batch in _shard_loader(dataset, shard, shard_size, batch_size, data_cfg):
+            for dropped in batch["skipped"]:
+                if not skipped[dropped.reason]:  # name the first of each reason; meta.json counts them all
+                    warnings.warn(f"skipping {dropped.message}", SkippedSampleWarning, stacklevel=2)
+                skipped[dropped.reason] += 1
+            if batch["image"] is not None:
+                codes.append(tokenizer.encode(batch["image"].to(accelerator.device)).cpu().numpy().astype(dtype))
+                captions += batch["caption"]
+            bar.update(len(batch["caption"]) + len(batch["skipped"]))
+        if skipped:
+            atomic_write_text(skipped_path(out_dir, shard), json.dumps(skipped) + "\n")
         atomic_write_text(captions_path(out_dir, shard), json.dumps(captions) + "\n")
         save_array(codes_path(out_dir, shard), np.concatenate(codes))  # last: marks the shard done
     bar.close()
 
     accelerator.wait_for_everyone()
+    stats: dict[str, Any] = {"encoded": len(todo), "skipped": len(mine) - len(todo), "num_shards": num_shards}
     if accelerator.is_main_process:
         missing = [k for k in range(num_shards) if not codes_path(out_dir, k).is_file()]
         if missing:
             raise CodeShardsError(f"{out_dir}: shards {missing[:10]} were not written; run the command again")
-        atomic_write_text(out_dir / META, json.dumps({**meta, "complete": True}, indent=2) + "\n")
+        count = sum(len(np.load(codes_path(out_dir, k), mmap_mode="r")) for k in range(num_shards))
+        if count == 0:
+            raise CodeShardsError(f"no image of data.path={data_cfg.path!r} could be encoded; every sample was skipped")
+        skipped_samples: Counter[str] = Counter()
+        for k in range(num_shards):
+            if skipped_path(out_dir, k).is_file():
+                skipped_samples.update(json.loads(skipped_path(out_dir, k).read_text()))
+        stats |= {"count": count, "skipped_samples": dict(skipped_samples)}
+        done = {**meta, "count": count, "skipped_samples": dict(skipped_samples), "complete": True}
+        atomic_write_text(out_dir / META, json.dumps(done, indent=2) + "\n")
     accelerator.wait_for_everyone()
-    return {"encoded": len(todo), "skipped": len(mine) - len(todo), "num_shards": num_shards}
+    return stats
 
 
 # --------------------------------------------------------------------------------------
@@ -264,4 +302,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.data, args.overrides)
     stats = encode_dataset(args.tokenizer, cfg.data, args.out, args.shard_size, args.batch_size)
-    print(f"{args.out}: {stats['encoded']} shards encoded, {stats['skipped']} already done, {stats['num_shards']} in all")
+    dropped = ", ".join(f"{n} {reason}" for reason, n in stats.get("skipped_samples", {}).items())
+    print(
+        f"{args.out}: {stats['encoded']} shards encoded, {stats['skipped']} already done, {stats['num_shards']} in all"
+        + (f"; {stats['count']} images" if "count" in stats else "")
+        + (f" (skipped: {dropped})" if dropped else "")
+    )

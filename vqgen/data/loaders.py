@@ -7,32 +7,38 @@ Images are made RGB (transparent pixels composited onto white, EXIF rotation app
 centred square of side ``min(w, h)`` is resampled to ``R x R`` with an antialiased bicubic
 filter in one step (no rounding between a resize and a crop).
 
-Bad data never stops a long run silently or loudly without a name:
+Held-out data never trains: ``data.eval_path`` names a separate folder or shards, or
+``data.eval_fraction`` holds out a deterministic share of the files of a folder (of the shards
+of a WebDataset), chosen by a hash of each file's path, so the split is the same on every
+machine and in every process (:func:`heldout_names`).
 
-* a corrupt or unreadable image is skipped with a :class:`SkippedSampleWarning` naming the file,
-  and counted in ``dataset.skipped["corrupt"]``;
-* an image without a caption follows ``missing_caption``: ``"error"`` (raise, naming the file
-  and the fix), ``"skip"`` (drop it, counted in ``dataset.skipped["no_caption"]``) or
-  ``"empty"`` (an empty caption, for unconditional training).
+Bad data is dropped, never replaced by a neighbour (which would train on it twice), and
+counted under the reasons of :data:`SKIP_REASONS`:
 
-Counters live in the process that iterates: with DataLoader workers each worker counts (and
-warns about) the files it read.
+* an unreadable image (``corrupt``), a key of a shard without an image (``no_image``), a
+  damaged shard (``damaged_shard``, keeping the samples before the damage, and ``truncated``
+  for the one cut mid-way) follow ``on_bad_sample``: ``"skip"`` or ``"error"`` (raise,
+  naming the file); a sample that cannot be used raises :class:`BadSample` with its reason,
+  which the training batches catch and count (``vqgen.train.batches``);
+* an image without a caption (``no_caption``) follows ``missing_caption``: ``"skip"``,
+  ``"error"`` (raise, naming the file and the fix) or ``"empty"`` (an empty caption, for
+  unconditional training).
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
 import json
 import os
 import random
 import warnings
 from collections import Counter
-from functools import partial
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -44,7 +50,9 @@ from torch.utils.data import Dataset, IterableDataset
 from vqgen.config import ConfigError, DataConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MISSING_CAPTION_POLICIES = ("error", "skip", "empty")
+MISSING_CAPTION_POLICIES = ("skip", "error", "empty")
+BAD_SAMPLE_POLICIES = ("skip", "error")
+SKIP_REASONS = ("corrupt", "no_caption", "no_image", "damaged_shard", "truncated")
 # what PIL raises on truncated, garbage or hostile files (it uses SyntaxError for broken PNGs)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
@@ -53,8 +61,61 @@ class DataError(ValueError):
     """Data that cannot be used as given; the message names the file and what to do."""
 
 
+class BadSample(DataError):
+    """One sample that cannot be used; ``reason`` is one of :data:`SKIP_REASONS`."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class SkippedSampleWarning(UserWarning):
     """A sample was dropped (corrupt image, unreadable shard); the message names it."""
+
+
+class Skipped(NamedTuple):
+    """Stands where a dropped sample would have been: why (one of :data:`SKIP_REASONS`) and which."""
+
+    reason: str
+    message: str
+
+
+def skip_or_raise(bad: BadSample, on_bad_sample: str) -> Skipped:
+    """A :class:`BadSample` under the policy: :class:`Skipped` for ``"skip"``, a
+    :class:`DataError` naming the sample and the fix for ``"error"``. An uncaptioned sample
+    reaches here only under ``missing_caption="skip"``, which decided its fate already."""
+    if on_bad_sample == "error" and bad.reason != "no_caption":
+        raise DataError(f"{bad}; fix or remove it, or set data.on_bad_sample=skip to drop such samples") from bad
+    return Skipped(bad.reason, str(bad))
+
+
+def collate_usable(items: Sequence[dict[str, Any] | Skipped]) -> dict[str, Any]:
+    """Samples and :class:`Skipped` markers -> ``{"image": [n, 3, R, R] or None when n == 0,
+    "caption": [n], "skipped": [Skipped, ...]}``: the dropped samples leave the batch smaller,
+    never filled with a neighbour (which would train on it twice)."""
+    usable = [item for item in items if not isinstance(item, Skipped)]
+    return {
+        "image": torch.stack([s["image"] for s in usable]) if usable else None,
+        "caption": [s["caption"] for s in usable],
+        "skipped": [item for item in items if isinstance(item, Skipped)],
+    }
+
+
+class Tolerant(Dataset):
+    """``dataset[i]``, or :class:`Skipped` for a sample that cannot be used (see :func:`skip_or_raise`)."""
+
+    def __init__(self, dataset: Dataset, on_bad_sample: str = "skip"):
+        _check_policies("skip", on_bad_sample)
+        self.dataset, self.on_bad_sample = dataset, on_bad_sample
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        try:
+            return self.dataset[index]
+        except BadSample as bad:
+            return skip_or_raise(bad, self.on_bad_sample)
 
 
 # --------------------------------------------------------------------------------------
@@ -97,15 +158,32 @@ def decode_image(source: str | Path | bytes, resolution: int, name: str | None =
         raise DataError(f"cannot read image {name}: {reason}") from e
 
 
-def _check_policy(missing_caption: str) -> None:
+def _check_policies(missing_caption: str, on_bad_sample: str = "skip") -> None:
     if missing_caption not in MISSING_CAPTION_POLICIES:
         raise DataError(
             f"missing_caption is {missing_caption!r}; choose one of {list(MISSING_CAPTION_POLICIES)}"
         )
+    if on_bad_sample not in BAD_SAMPLE_POLICIES:
+        raise DataError(f"on_bad_sample is {on_bad_sample!r}; choose one of {list(BAD_SAMPLE_POLICIES)}")
 
 
 def _skip_warning(message: str) -> None:
     warnings.warn(message, SkippedSampleWarning, stacklevel=3)
+
+
+def heldout_names(names: Sequence[str], fraction: float) -> set[str]:
+    """The ``round(fraction * n)`` names (at least 1, at most ``n - 1``) whose SHA-1 sorts first.
+
+    A pure function of the names themselves: the same split on any machine, in any process and
+    in any listing order; a file added later joins one side without moving the others much.
+    """
+    if not 0 < fraction < 1:
+        raise DataError(f"eval_fraction is {fraction}; use a share in (0, 1), e.g. 0.05")
+    if len(names) < 2:
+        raise DataError(f"cannot hold out a share of {len(names)} file(s); give data.eval_path instead")
+    count = min(len(names) - 1, max(1, round(fraction * len(names))))
+    ranked = sorted(names, key=lambda name: hashlib.sha1(name.encode("utf-8")).hexdigest())
+    return set(ranked[:count])
 
 
 # --------------------------------------------------------------------------------------
@@ -150,21 +228,33 @@ def _read_caption_table(root: Path) -> tuple[Path | None, dict[str, str]]:
 
 
 class ImageFolderDataset(Dataset):
-    """Map-style dataset over every image below ``root`` (recursive, sorted, hidden paths ignored).
+    """Map-style dataset over the images below ``root`` (recursive, sorted, hidden paths ignored).
 
     A caption comes from a same-stem ``.txt`` next to the image, else from one ``captions.jsonl``
     (``{"file": ..., "caption": ...}`` per line, or ``image``/``text``) or ``captions.csv``
     (header ``file,caption``) in ``root``, whose paths are relative to ``root``. An empty caption
     counts as missing.
 
-    Images are validated lazily, because decoding a whole folder up front costs as much as an
-    epoch: ``dataset[i]`` of a corrupt file warns once, remembers it, and returns the next
-    readable index instead (deterministically, so a seed still fixes an epoch). ``len`` counts
-    every captioned file; ``skipped`` says how many were dropped so far, and why.
+    ``eval_fraction`` > 0 splits the files (see :func:`heldout_names`): ``split="train"`` lists
+    the rest, ``split="eval"`` the held-out ones. Images are decoded lazily, because decoding a
+    whole folder up front costs as much as an epoch: ``dataset[i]`` of an unreadable file raises
+    :class:`BadSample` (reason ``corrupt``) naming it. ``skipped`` counts the uncaptioned files
+    dropped by ``missing_caption="skip"``.
     """
 
-    def __init__(self, root: str | Path, resolution: int, missing_caption: str = "error"):
-        _check_policy(missing_caption)
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        missing_caption: str = "skip",
+        eval_fraction: float = 0.0,
+        split: str = "train",
+    ):
+        _check_policies(missing_caption)
+        if split not in ("train", "eval"):
+            raise DataError(f"split is {split!r}; an image folder has the splits 'train' and 'eval'")
+        if split == "eval" and not eval_fraction:
+            raise DataError(f"the image folder {root} has no held-out split: set data.eval_fraction or data.eval_path")
         self.root, self.resolution = Path(root), resolution
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} not found")
@@ -180,6 +270,16 @@ class ImageFolderDataset(Dataset):
                 f"no images found under {self.root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
             )
         table, table_captions = _read_caption_table(self.root)
+        if table is not None:
+            orphans = set(table_captions) - {os.path.normpath(p) for p in images}
+            if orphans:
+                _skip_warning(
+                    f"{len(orphans)} entries of {table} name no image under {self.root}, "
+                    f"e.g. {min(orphans)}"
+                )
+        if eval_fraction:
+            held = heldout_names([p.relative_to(self.root).as_posix() for p in images], eval_fraction)
+            images = [p for p in images if (p.relative_to(self.root).as_posix() in held) == (split == "eval")]
         self.samples: list[tuple[Path, str]] = []
         uncaptioned: list[Path] = []
         for path in images:
@@ -190,13 +290,6 @@ class ImageFolderDataset(Dataset):
                 self.samples.append((path, caption))
             else:
                 uncaptioned.append(path)
-        if table is not None:
-            orphans = set(table_captions) - {os.path.normpath(p) for p in images}
-            if orphans:
-                _skip_warning(
-                    f"{len(orphans)} entries of {table} name no image under {self.root}, "
-                    f"e.g. {min(orphans)}"
-                )
         if uncaptioned and missing_caption == "error":
             where = f"{uncaptioned[0].stem}.txt next to it" + (f" or an entry in {table.name}" if table else "")
             raise DataError(
@@ -206,37 +299,21 @@ class ImageFolderDataset(Dataset):
             )
         if not self.samples:
             raise DataError(f"all {len(images)} images under {self.root} lack a caption; nothing to train on")
-        self._uncaptioned = len(uncaptioned)
-        self._corrupt: set[Path] = set()
+        self.skipped: Counter[str] = Counter(no_caption=len(uncaptioned))
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    @property
-    def skipped(self) -> Counter[str]:
-        """Files dropped so far in this process: ``{"no_caption": n, "corrupt": m}``."""
-        return Counter(no_caption=self._uncaptioned, corrupt=len(self._corrupt))
-
-    @property
-    def corrupt_files(self) -> list[Path]:
-        return sorted(self._corrupt)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images under {self.root}")
-        for offset in range(n):
-            path, caption = self.samples[(index + offset) % n]
-            if path in self._corrupt:
-                continue
-            try:
-                image = decode_image(path, self.resolution)
-            except DataError as e:
-                self._corrupt.add(path)
-                _skip_warning(f"skipping: {e}")
-                continue
-            return {"image": image, "caption": caption}
-        raise DataError(f"none of the {n} images under {self.root} can be read")
+        path, caption = self.samples[index]
+        try:
+            image = decode_image(path, self.resolution)
+        except DataError as e:
+            raise BadSample("corrupt", str(e)) from e
+        return {"image": image, "caption": caption}
 
 
 # --------------------------------------------------------------------------------------
@@ -275,13 +352,23 @@ def expand_shards(urls: str | Path | Sequence[str | Path]) -> list[str]:
     return shards
 
 
+def shards_of(shards: Sequence[str], rank: int, world: int, slot: int, slots: int) -> list[str]:
+    """The shards that reader ``slot`` of ``slots`` (DataLoader workers) on process ``rank`` of
+    ``world`` reads: every ``world * slots``-th, from ``rank + world * slot``. Over all ranks and
+    slots this is a partition: every shard is read by exactly one reader."""
+    return list(shards[rank + world * slot :: world * slots])
+
+
 class WebDatasetSamples(IterableDataset):
     """Streamed samples from tar shards in img2dataset's layout.
 
     Each key ``KEY`` holds an image (``KEY.jpg``/``.jpeg``/``.png``/``.webp``/``.bmp``) and a caption,
-    ``KEY.txt`` or the ``caption``/``text`` field of ``KEY.json``. Shards are split across
-    processes (``RANK``/``WORLD_SIZE`` or ``torch.distributed``, as Accelerate sets them) and then
-    across DataLoader workers, so every sample is read once per epoch across the whole job.
+    ``KEY.txt`` or the ``caption``/``text`` field of ``KEY.json``. Iterating it directly splits
+    the shards across processes (``RANK``/``WORLD_SIZE`` or ``torch.distributed``, as Accelerate
+    sets them) and DataLoader workers, so every sample is read once per epoch across the whole
+    job, drops bad samples (counted in ``skipped``, with a warning each) and raises under
+    ``on_bad_sample="error"``. Training reads it through :meth:`stream` instead, a reproducible
+    record stream per reader (``vqgen.train.batches``).
 
     ``shuffle`` > 0 shuffles the shard order (per epoch) and the samples within a buffer of that
     many. The epoch advances on every iteration in this process; with non-persistent DataLoader
@@ -292,15 +379,16 @@ class WebDatasetSamples(IterableDataset):
         self,
         urls: str | Path | Sequence[str | Path],
         resolution: int,
-        missing_caption: str = "error",
+        missing_caption: str = "skip",
         shuffle: int = 0,
         seed: int = 0,
+        on_bad_sample: str = "skip",
     ):
-        _check_policy(missing_caption)
+        _check_policies(missing_caption, on_bad_sample)
         if shuffle < 0:
             raise DataError(f"shuffle (data.shuffle_buffer) is {shuffle}; use 0 (off) or a buffer size in samples")
         self.shards = expand_shards(urls)
-        self.resolution, self.missing_caption = resolution, missing_caption
+        self.resolution, self.missing_caption, self.on_bad_sample = resolution, missing_caption, on_bad_sample
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.skipped: Counter[str] = Counter()  # reason -> samples (or shards) dropped in this process
         self._damaged: set[str] = set()
@@ -309,29 +397,46 @@ class WebDatasetSamples(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def epoch_shards(self, epoch: int) -> list[str]:
+        """The shard order of ``epoch``: shuffled alike in every process when ``shuffle`` > 0,
+        so that splitting it by rank stays a partition."""
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(f"{self.seed}-{epoch}").shuffle(shards)
+        return shards
+
+    def records(self, shards: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """Undecoded samples (``{"__key__", "__url__", "jpg", "txt", ...}``) of ``shards``, in order."""
+        opened = self._open_shards({"url": url} for url in shards)
+        files = wds.tariterators.tar_file_expander(opened, handler=self._on_shard_error)
+        return wds.tariterators.group_by_keys(files, handler=self._on_shard_error)
+
+    def stream(self, rank: int, world: int, slot: int, slots: int, epoch: int) -> Iterator[dict[str, Any]]:
+        """The undecoded samples reader ``slot`` of ``slots`` on process ``rank`` of ``world``
+        reads in ``epoch`` (see :func:`shards_of`), shuffled within the buffer: a pure function
+        of its arguments and the shards' contents."""
+        records = self.records(shards_of(self.epoch_shards(epoch), rank, world, slot, slots))
+        if self.shuffle:
+            rng = random.Random(f"{self.seed}-{epoch}-{rank}-{slot}")
+            records = wds.shuffle(self.shuffle, rng=rng)(records)
+        return records
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
-        rank, world_size, worker, _ = wds.utils.pytorch_worker_info()
+        rank, world_size, worker, workers = wds.utils.pytorch_worker_info()
         if rank >= len(self.shards):
             warnings.warn(
                 f"process {rank} of {world_size} gets no shard ({len(self.shards)} shards in all); "
                 "write at least as many shards as processes so every process has data",
                 stacklevel=2,
             )
-        stages = [
-            # every process shuffles the shard list alike, so the split by rank stays a partition
-            wds.SimpleShardList(self.shards, seed=f"{self.seed}-{epoch}" if self.shuffle else None),
-            wds.split_by_node,
-            wds.split_by_worker,
-            self._open_shards,
-            partial(wds.tariterators.tar_file_expander, handler=self._on_shard_error),
-            partial(wds.tariterators.group_by_keys, handler=self._on_shard_error),
-        ]
-        if self.shuffle:
-            stages.append(wds.shuffle(self.shuffle, rng=random.Random(f"{self.seed}-{epoch}-{rank}-{worker}")))
-        for raw in wds.DataPipeline(*stages):
-            sample = self._decode(raw)
-            if sample is not None:
+        for raw in self.stream(rank, world_size, worker, workers, epoch):
+            sample = self.decode_or_skip(raw)
+            if isinstance(sample, Skipped):
+                self.skipped[sample.reason] += 1
+                if sample.reason not in ("no_caption", "truncated"):
+                    _skip_warning(f"skipping: {sample.message}")
+            else:
                 yield sample
 
     def _open_shards(self, sources: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
@@ -350,8 +455,12 @@ class WebDatasetSamples(IterableDataset):
                 stream.close()
 
     def _on_shard_error(self, exn: Exception) -> bool:
-        """A shard that cannot be opened or is damaged (truncated, empty, not a tar): warn once,
-        keep the samples read before the damage, and go on with the next shard."""
+        """A shard that cannot be opened or is damaged (truncated, empty, not a tar): under
+        ``on_bad_sample="skip"`` warn once, keep the samples read before the damage, and go on
+        with the next shard."""
+        message = f"shard {self._shard} is damaged: {type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+        if self.on_bad_sample == "error":
+            raise DataError(f"{message}; replace it, or set data.on_bad_sample=skip to skip its rest") from exn
         if self._shard not in self._damaged:
             self._damaged.add(self._shard)
             self.skipped["damaged_shard"] += 1
@@ -371,17 +480,23 @@ class WebDatasetSamples(IterableDataset):
             return str(caption or "").strip()
         return ""
 
-    def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+    def decode_or_skip(self, raw: dict[str, Any]) -> dict[str, Any] | Skipped:
+        """:meth:`decode` under ``on_bad_sample`` (see :func:`skip_or_raise`)."""
+        try:
+            return self.decode(raw)
+        except BadSample as bad:
+            return skip_or_raise(bad, self.on_bad_sample)
+
+    def decode(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """An undecoded sample -> ``{"image", "caption"}``; :class:`BadSample` if it cannot be used
+        (and :class:`DataError` for a missing caption under ``missing_caption="error"``)."""
         where = f"{raw['__url__']}:{raw['__key__']}"
         ext = next((e for e in _IMAGE_KEYS if e in raw), None)
         caption = self._caption(raw, where)
         if raw["__url__"] in self._damaged and (ext is None or not caption):
-            self.skipped["truncated"] += 1  # the last sample of a damaged shard, cut mid-way
-            return None
+            raise BadSample("truncated", f"{where}: the last sample of a damaged shard, cut mid-way")
         if ext is None:
-            self.skipped["no_image"] += 1
-            _skip_warning(f"skipping {where}: no image (.{', .'.join(_IMAGE_KEYS)}) under this key")
-            return None
+            raise BadSample("no_image", f"{where}: no image (.{', .'.join(_IMAGE_KEYS)}) under this key")
         if not caption and self.missing_caption != "empty":
             if self.missing_caption == "error":
                 raise DataError(
@@ -389,26 +504,61 @@ class WebDatasetSamples(IterableDataset):
                     "in its .json): fix the shard, or set data.missing_caption=skip (drop such samples) "
                     "or data.missing_caption=empty (train them unconditionally)"
                 )
-            self.skipped["no_caption"] += 1
-            return None
+            raise BadSample("no_caption", f"{where}.{ext} has no caption")
         try:
             image = decode_image(raw[ext], self.resolution, name=f"{where}.{ext}")
         except DataError as e:
-            self.skipped["corrupt"] += 1
-            _skip_warning(f"skipping: {e}")
-            return None
+            raise BadSample("corrupt", str(e)) from e
         return {"image": image, "caption": caption}
+
+
+class ShardSamples(IterableDataset):
+    """The samples of ``shards`` in order (no split by rank or worker), :class:`Skipped` for
+    the dropped ones: what encoding one shard at a time reads."""
+
+    def __init__(self, samples: WebDatasetSamples, shards: Sequence[str]):
+        self.samples, self.shards = samples, list(shards)
+
+    def __iter__(self) -> Iterator[dict[str, Any] | Skipped]:
+        damaged = set(self.samples._damaged)
+        for raw in self.samples.records(self.shards):
+            yield self.samples.decode_or_skip(raw)
+        for url in sorted(self.samples._damaged - damaged):
+            yield Skipped("damaged_shard", f"the rest of shard {url} (damaged)")
 
 
 def webdataset_samples(
     urls: str | Path | Sequence[str | Path],
     resolution: int,
-    missing_caption: str = "error",
+    missing_caption: str = "skip",
     shuffle: int = 0,
     seed: int = 0,
+    on_bad_sample: str = "skip",
 ) -> WebDatasetSamples:
     """An IterableDataset over WebDataset shards; see :class:`WebDatasetSamples`."""
-    return WebDatasetSamples(urls, resolution, missing_caption, shuffle, seed)
+    return WebDatasetSamples(urls, resolution, missing_caption, shuffle, seed, on_bad_sample)
+
+
+def readable_samples(dataset: Dataset, num: int, on_bad_sample: str = "skip") -> tuple[list[dict[str, Any]], Counter[str]]:
+    """The first ``num`` usable samples of a map-style dataset or of every shard of a
+    :class:`WebDatasetSamples` (in order, not split by process), and the counts of those dropped
+    on the way by reason: for small held-out sets, read once and kept."""
+    if isinstance(dataset, WebDatasetSamples):
+        items: Iterator[dict[str, Any] | Skipped] = iter(ShardSamples(dataset, dataset.shards))
+    else:
+        tolerant = Tolerant(dataset, on_bad_sample)
+        items = (tolerant[i] for i in range(len(dataset)))
+    samples: list[dict[str, Any]] = []
+    skipped: Counter[str] = Counter()
+    for item in items:
+        if len(samples) == num:
+            break
+        if isinstance(item, Skipped):
+            skipped[item.reason] += 1
+            _skip_warning(f"skipping {item.message}")
+        else:
+            samples.append(item)
+    return samples, skipped
 
 
 # --------------------------------------------------------------------------------------
@@ -416,33 +566,81 @@ def webdataset_samples(
 # --------------------------------------------------------------------------------------
 
 
+def has_heldout(data_cfg: DataConfig) -> bool:
+    """Whether ``data_cfg`` has a held-out split (always for shapes: scenes of another seed)."""
+    return data_cfg.kind == "shapes" or bool(data_cfg.eval_path or data_cfg.eval_fraction)
+
+
+def _config_shards(data_cfg: DataConfig, split: str) -> list[str]:
+    """The shards of ``split`` ('train' or 'eval') of a WebDataset config."""
+    try:
+        shards = expand_shards(os.path.expanduser(data_cfg.path))
+    except DataError as e:
+        raise ConfigError(f"config key 'data.path': {e}") from e
+    if not data_cfg.eval_fraction:
+        return shards
+    try:
+        held = heldout_names(shards, data_cfg.eval_fraction)
+    except DataError as e:
+        raise ConfigError(f"config key 'data.eval_fraction' over the shards of data.path: {e}") from e
+    return [s for s in shards if (s in held) == (split == "eval")]
+
+
+def _eval_path_dataset(data_cfg: DataConfig) -> Dataset:
+    """``data.eval_path``: an image folder if it is a directory, else WebDataset shards."""
+    path = os.path.expanduser(data_cfg.eval_path)
+    try:
+        if os.path.isdir(path):
+            return ImageFolderDataset(path, data_cfg.resolution, data_cfg.missing_caption)
+        return WebDatasetSamples(path, data_cfg.resolution, data_cfg.missing_caption, 0, data_cfg.seed, data_cfg.on_bad_sample)
+    except DataError as e:
+        raise ConfigError(f"config key 'data.eval_path': {e}") from e
+
+
 def build_dataset(data_cfg: DataConfig, split: str = "train") -> Dataset:
-    """The dataset ``data.kind`` names: ``shapes``, ``folder`` or ``webdataset``."""
+    """The dataset ``data.kind`` names: ``shapes``, ``folder`` or ``webdataset``.
+
+    Real data has the splits ``train`` and ``eval`` (held out: ``data.eval_path``, or the
+    ``data.eval_fraction`` of files or shards that ``train`` then leaves out).
+    """
     if data_cfg.kind == "shapes":
         from vqgen.data.shapes import ShapesDataset
 
         return ShapesDataset.from_config(data_cfg, split=split)
     if data_cfg.kind not in ("folder", "webdataset"):
         raise ConfigError(f"config key 'data.kind' is {data_cfg.kind!r}; choose one of shapes, folder, webdataset")
-    if split != "train":
+    for key, choices in (("missing_caption", MISSING_CAPTION_POLICIES), ("on_bad_sample", BAD_SAMPLE_POLICIES)):
+        if getattr(data_cfg, key) not in choices:
+            raise ConfigError(f"config key 'data.{key}' is {getattr(data_cfg, key)!r}; choose one of {list(choices)}")
+    if split not in ("train", "eval"):
         raise ConfigError(
-            f"data.kind={data_cfg.kind} has only a 'train' split, not {split!r} "
-            "(held-out splits come with data.kind=shapes)"
+            f"data.kind={data_cfg.kind} has the splits 'train' and 'eval', not {split!r} "
+            "(attribute hold-outs come with data.kind=shapes)"
         )
     if not data_cfg.path:
         raise ConfigError(
             "config key 'data.path' is empty; set it to an image folder (data.kind=folder) or to "
             "tar shards such as 'shards/{00000..00099}.tar' (data.kind=webdataset)"
         )
+    if data_cfg.eval_path and data_cfg.eval_fraction:
+        raise ConfigError("config keys 'data.eval_path' and 'data.eval_fraction' are both set; keep one of them")
+    if split == "eval" and not has_heldout(data_cfg):
+        raise ConfigError(
+            f"data.kind={data_cfg.kind} has no held-out split: set data.eval_fraction (e.g. 0.05, a share of the "
+            f"{'files' if data_cfg.kind == 'folder' else 'shards'}) or data.eval_path (a separate folder or shards)"
+        )
+    if split == "eval" and data_cfg.eval_path:
+        return _eval_path_dataset(data_cfg)
     if data_cfg.kind == "folder":
         root = Path(data_cfg.path).expanduser()
         if not root.is_dir():
             raise ConfigError(f"config key 'data.path': image folder {root} not found")
-        return ImageFolderDataset(root, data_cfg.resolution, data_cfg.missing_caption)
-    try:
-        shards = expand_shards(os.path.expanduser(data_cfg.path))
-    except DataError as e:
-        raise ConfigError(f"config key 'data.path': {e}") from e
+        return ImageFolderDataset(root, data_cfg.resolution, data_cfg.missing_caption, data_cfg.eval_fraction, split)
     return WebDatasetSamples(
-        shards, data_cfg.resolution, data_cfg.missing_caption, data_cfg.shuffle_buffer, data_cfg.seed
+        _config_shards(data_cfg, split),
+        data_cfg.resolution,
+        data_cfg.missing_caption,
+        data_cfg.shuffle_buffer if split == "train" else 0,
+        data_cfg.seed,
+        data_cfg.on_bad_sample,
     )

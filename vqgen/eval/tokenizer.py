@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from einops import rearrange, reduce
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from vqgen.checkpoint import atomic_write_text
 from vqgen.config import ConfigError, DataConfig, load_config
@@ -33,19 +33,36 @@ FLAT_TOLERANCE = 2.5 / 255
 
 
 def heldout_dataset(data_cfg: DataConfig, num: int) -> Dataset:
-    """``num`` images the tokenizer never trained on: shapes scenes from another seed.
-
-    Image folders have no held-out split; their first ``num`` images are used instead.
-    """
+    """``num`` images the tokenizer never trained on: shapes scenes from another seed, or the
+    held-out split of real data (``data.eval_path`` or ``data.eval_fraction``; a
+    :class:`~vqgen.config.ConfigError` naming them when neither is set). Unreadable held-out
+    images are skipped with a warning."""
     if data_cfg.kind == "shapes":
         from vqgen.data.shapes import ShapesDataset
 
         shifted = dataclasses.replace(data_cfg, seed=data_cfg.seed + HELDOUT_SEED_OFFSET)
         return ShapesDataset.from_config(shifted, split="train", num=num)
-    from vqgen.data.loaders import build_dataset
+    return _first_images(data_cfg, "eval", num)
 
-    dataset = build_dataset(data_cfg, "train")
-    return Subset(dataset, range(min(num, len(dataset))))
+
+def training_images(data_cfg: DataConfig, num: int) -> Dataset:
+    """The first ``num`` training images, to set training PSNR beside held-out PSNR: shapes
+    scenes ``0..num-1`` (the start of the tokenizer's stream), the first files of a folder's
+    training split, or the first samples of the training shards."""
+    if data_cfg.kind == "shapes":
+        from vqgen.data.shapes import ShapesDataset
+
+        return ShapesDataset.from_config(data_cfg, split="train", num=num)
+    return _first_images(dataclasses.replace(data_cfg, shuffle_buffer=0), "train", num)
+
+
+def _first_images(data_cfg: DataConfig, split: str, num: int) -> list[dict[str, Any]]:
+    from vqgen.data.loaders import DataError, build_dataset, readable_samples
+
+    samples, _ = readable_samples(build_dataset(data_cfg, split), num, data_cfg.on_bad_sample)
+    if not samples:
+        raise DataError(f"the {split} split of data.path={data_cfg.path!r} holds no readable image")
+    return samples
 
 
 def _flat_patch_codes(images: torch.Tensor, codes: torch.Tensor, patch: int) -> list[tuple[tuple[int, ...], int]]:

@@ -98,7 +98,9 @@ class Task:
 
     kind: str  # "tokenizer" | "transformer"
     model: nn.Module  # everything trainable; forward(batch, step) -> (loss, metrics)
-    batches: Callable[[int, int, int], dict]  # (micro-step, rank, world) -> this process's batch
+    # (micro-step, rank, world) -> this process's batch; one with a ``skipped`` dict (reason ->
+    # samples it dropped in this process) has the totals over processes logged as skipped_<reason>
+    batches: Callable[[int, int, int], dict]
     export: Callable[[dict[str, torch.Tensor], Path], None]  # (model's full state dict, dir) -> loadable checkpoint
     preview: Callable[[nn.Module, int], dict[str, Any]] | None = None  # -> named PIL images
     # (model, config) -> its parameters in sets with their own AdamW settings; the first set's
@@ -598,6 +600,7 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
     record = _StepRecord(device)  # on the device, read at sync points: log steps, checkpoints, the end
     seen = _Reading(0, 0, NEVER, False, 0, {})  # what the host has read and reported so far
     last: dict[str, float] = {}
+    data_skipped: dict[str, int] = {}
     t_start = time.perf_counter()
     stopped_early = False
     bar = tqdm(total=cfg.steps, initial=step, disable=not main, desc=f"train {task.kind}", dynamic_ncols=True)
@@ -678,6 +681,8 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
 
             if now.applied and (step % cfg.log_every == 0 or finishing):
                 last = dict(now.means)
+                data_skipped = _skipped_samples(task.batches, accelerator)
+                last |= {f"skipped_{k}": v for k, v in data_skipped.items() if v}
                 elapsed = time.perf_counter() - record.started
                 if "tokens" in last:  # a per-step count: report the global throughput
                     last["tokens_per_s"] = last.pop("tokens") * now.applied * world / elapsed
@@ -709,8 +714,20 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
     accelerator.end_training()
     if stop.requested:
         raise KeyboardInterrupt(f"training stopped at step {step}; run the same command again to resume")
-    return {**last, "step": step, "skipped_steps": seen.skipped, "seconds": time.perf_counter() - t_start,
-            "stopped_early": stopped_early}
+    return {**last, "step": step, "skipped_steps": seen.skipped, "skipped_samples": data_skipped,
+            "seconds": time.perf_counter() - t_start, "stopped_early": stopped_early}
+
+
+def _skipped_samples(batches: Any, accelerator) -> dict[str, int]:
+    """The samples ``batches`` dropped (reason -> count), summed over processes (a collective)."""
+    counts = getattr(batches, "skipped", None)
+    if counts is None:
+        return {}
+    names = sorted(counts)  # every process's batches know every reason: the same keys everywhere
+    totals = torch.tensor([float(counts[k]) for k in names], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    return {k: int(v) for k, v in zip(names, totals.tolist())}
 
 
 @contextlib.contextmanager

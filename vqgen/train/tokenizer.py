@@ -3,11 +3,14 @@
 On the built-in shapes set every step sees fresh procedural scenes (the batch of step ``s``
 on rank ``r`` is scenes ``(s * world + r) * B ... + B - 1`` of a practically endless
 ``ShapesDataset``), so the tokenizer cannot overfit and needs no epochs; evaluation uses a
-different seed. Other data (an image folder) is read as epochs of seeded permutations.
+different seed. An image folder is read as epochs of seeded permutations, WebDataset shards as
+a stream; both are decoded in ``data.num_workers`` DataLoader workers (``vqgen.train.batches``).
 
 ``out_dir`` becomes the tokenizer's own directory: checkpoints/, samples/, log.jsonl while
 training, then ``config.json`` + ``model.safetensors`` (loadable with
-``VQTokenizer.from_pretrained(out_dir)``) and ``report.json`` with held-out metrics. Both record
+``VQTokenizer.from_pretrained(out_dir)``) and ``report.json``: metrics on held-out images
+(shapes of another seed, or ``data.eval_path`` / ``data.eval_fraction``), the PSNR on training
+images beside them, the samples skipped as unusable, and the training time. Both record
 ``training_state`` (step reached, steps asked for, complete): a run cut short by ``max_minutes``
 exports the weights of the step it reached and says so.
 """
@@ -23,11 +26,12 @@ from PIL import Image
 from torch import nn
 
 from vqgen.checkpoint import atomic_write_text, substate, training_state
-from vqgen.config import Config, ConfigError, TokenizerConfig, TrainConfig
-from vqgen.data.loaders import build_dataset
-from vqgen.eval.tokenizer import evaluate_tokenizer, heldout_dataset
+from vqgen.config import Config, TokenizerConfig, TrainConfig
+from vqgen.data.loaders import WebDatasetSamples, build_dataset, has_heldout
+from vqgen.eval.tokenizer import HELDOUT_SEED_OFFSET, evaluate_tokenizer, heldout_dataset, training_images
 from vqgen.tokenizer import TokenizerTrainer, VQTokenizer
-from vqgen.train.loop import IndexedBatches, OptimizerSpec, Task, collate, default_param_groups, fit, setup_accelerator
+from vqgen.train.batches import FolderBatches, LoaderBatches, ShardBatches
+from vqgen.train.loop import OptimizerSpec, Task, collate, default_param_groups, fit, setup_accelerator
 
 # index space of the "endless" training stream of shapes scenes
 ENDLESS = 2**62
@@ -48,16 +52,22 @@ class FreshShapes:
         return collate([self.dataset[i] for i in range(start, start + self.batch_size)])
 
 
-def training_batches(cfg: Config):
+def training_batches(cfg: Config, device: torch.device | str | None = None):
+    """``(micro-step, rank, world) -> {"image": [B, 3, R, R], "caption": [B]}``; real data is
+    decoded in DataLoader workers and copied to ``device`` (default: Accelerate's) without blocking."""
     batch_size = cfg.training.tokenizer.batch_size
     if cfg.data.kind == "shapes":
         return FreshShapes(cfg, batch_size)
-    if cfg.data.kind != "folder":
-        raise ConfigError(
-            f"tokenizer training reads map-style data (data.kind=shapes or folder), not data.kind={cfg.data.kind}; "
-            "extract the tar shards into an image folder"
-        )
-    return IndexedBatches(build_dataset(cfg.data, "train"), batch_size, seed=cfg.training.tokenizer.seed)
+    if device is None:
+        from accelerate import PartialState
+
+        device = PartialState().device
+    dataset = build_dataset(cfg.data, "train")
+    if isinstance(dataset, WebDatasetSamples):
+        return ShardBatches(dataset, batch_size, cfg.data.num_workers, device)
+    return FolderBatches(
+        dataset, batch_size, cfg.training.tokenizer.seed, cfg.data.num_workers, device, cfg.data.on_bad_sample
+    )
 
 
 def comparison_grid(originals: torch.Tensor, recons: torch.Tensor, scale: int = 1) -> Image.Image:
@@ -70,16 +80,19 @@ def comparison_grid(originals: torch.Tensor, recons: torch.Tensor, scale: int = 
 
 
 def make_preview(cfg: Config):
-    """Fixed held-out images, reconstructed by the current weights at every preview."""
-    dataset = heldout_dataset(cfg.data, num=PREVIEW_IMAGES)
+    """Fixed held-out images (``reconstructions``), or training images where the data have no
+    held-out split (``train_reconstructions``), reconstructed by the current weights."""
+    heldout = has_heldout(cfg.data)
+    dataset = (heldout_dataset if heldout else training_images)(cfg.data, num=PREVIEW_IMAGES)
     originals = torch.stack([dataset[i]["image"] for i in range(min(PREVIEW_IMAGES, len(dataset)))])
     scale = max(1, 128 // cfg.data.resolution)  # small scenes (24-32 px) are unreadable at 1:1
+    name = "reconstructions" if heldout else "train_reconstructions"
 
     def preview(model: nn.Module, step: int) -> dict[str, Image.Image]:
         tokenizer: VQTokenizer = model.tokenizer
         device = next(tokenizer.parameters()).device
         recons = tokenizer.decode(tokenizer.encode(originals.to(device))).cpu()
-        return {"reconstructions": comparison_grid(originals, recons, scale)}
+        return {name: comparison_grid(originals, recons, scale)}
 
     return preview
 
@@ -116,18 +129,43 @@ def build_task(cfg: Config) -> Task:
 
 def train_tokenizer(cfg: Config, out_dir: Path, eval_num: int = 512) -> dict:
     """Train (or resume) the tokenizer into ``out_dir``; returns final training metrics plus
-    held-out ``eval_*`` metrics on ``eval_num`` images (also written to ``report.json``)."""
+    held-out ``eval_*`` metrics on ``eval_num`` images and ``train_psnr`` on as many training
+    images (all also written to ``report.json``, with the samples skipped and the wall time)."""
     out_dir = Path(out_dir)
     train_cfg = cfg.training.tokenizer
     accelerator = setup_accelerator(train_cfg, out_dir)
     task = build_task(cfg)
     metrics = fit(accelerator, task, train_cfg, cfg, out_dir)
     metrics["training_state"] = training_state(metrics["step"], train_cfg.steps)
+    if isinstance(task.batches, LoaderBatches):
+        task.batches.close()
     if accelerator.is_main_process and eval_num > 0:
         tokenizer = VQTokenizer.from_pretrained(out_dir, device=accelerator.device)
-        report = evaluate_tokenizer(tokenizer, heldout_dataset(cfg.data, num=eval_num), train_cfg.batch_size)
-        report["training_state"] = metrics["training_state"]
+        report: dict = {"heldout": describe_heldout(cfg), "training_state": metrics["training_state"]}
+        if has_heldout(cfg.data):
+            heldout = evaluate_tokenizer(tokenizer, heldout_dataset(cfg.data, num=eval_num), train_cfg.batch_size)
+            report |= heldout
+            metrics |= {f"eval_{k}": v for k, v in heldout.items()}
+        else:
+            print(f"tokenizer: {report['heldout']}; only training images are measured")
+        train = evaluate_tokenizer(tokenizer, training_images(cfg.data, num=eval_num), train_cfg.batch_size)
+        report["train"] = {k: train[k] for k in ("num_images", "psnr", "usage", "perplexity")}
+        report["skipped_samples"] = metrics.get("skipped_samples", {})
+        report |= {k: metrics[k] for k in ("step", "seconds", "stopped_early") if k in metrics}
         atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-        metrics |= {f"eval_{k}": v for k, v in report.items() if k != "training_state"}
+        metrics["train_psnr"] = train["psnr"]
     # no barrier here: fit() has ended training (and the process group); other ranks just return
     return metrics
+
+
+def describe_heldout(cfg: Config) -> str:
+    """Where the held-out images of ``report.json`` come from, in words."""
+    data = cfg.data
+    if data.kind == "shapes":
+        return f"shapes scenes of seed {data.seed + HELDOUT_SEED_OFFSET} (training reads seed {data.seed})"
+    if data.eval_path:
+        return f"data.eval_path={data.eval_path}"
+    if data.eval_fraction:
+        unit = "files" if data.kind == "folder" else "shards"
+        return f"data.eval_fraction={data.eval_fraction} of the {unit} of data.path, chosen by path hash"
+    return "none: set data.eval_fraction or data.eval_path for held-out metrics"

@@ -158,6 +158,7 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
     metrics = fit(accelerator, task, train_cfg, cfg, out_dir)
     metrics["training_state"] = training_state(metrics["step"], train_cfg.steps)
     metrics["unigram_loss"] = unigram_loss(shards)
+    metrics["skipped_samples"] = shards.meta.get("skipped_samples", {})  # dropped when the codes were encoded
     metrics["final_loss"] = metrics.get("loss", math.nan)
     if accelerator.is_main_process:
         atomic_write_text(out_dir / "report.json", json.dumps(metrics, indent=2) + "\n")
