@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import warnings
 from pathlib import Path
 
 import pytest
