@@ -1,6 +1,6 @@
 """Speculative against plain decoding on a trained model: forwards, wall clock, adherence.
 
-    python -m vqgen.bench speculative --checkpoint runs/demo/transformer --window 8 --json spec.json
+    python -m vqgen.bench speculative --checkpoint runs/demo/transformer --window 16 --json spec.json
 
 The prompts are the demo's evaluation sets: fresh single-object and two-object captions (200
 each by default, none of them a training caption), sampled with the run's own sampling
@@ -62,7 +62,7 @@ def _standard_error(p: float, n: int) -> float:
 
 
 def run_speculative_bench(
-    checkpoint: Path, window: int = 8, num_prompts: int = 200, prior: str = "above", threads: int | None = None,
+    checkpoint: Path, window: int = 16, num_prompts: int = 200, prior: str = "above", threads: int | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
     """Plain vs ``speculative=window`` on the checkpoint's evaluation prompts -> the JSON-ready result."""
@@ -170,7 +170,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a trained transformer checkpoint directory")
-    parser.add_argument("--window", type=int, default=8, help="speculative window W (default 8)")
+    parser.add_argument("--window", type=int, default=16, help="speculative window W (default 16)")
     parser.add_argument("--num-prompts", type=int, default=200, help="prompts per set (default 200)")
     parser.add_argument("--prior", default="above", help=f"drafts for new window positions: {' or '.join(PRIORS)}")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores available)")
