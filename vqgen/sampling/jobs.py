@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +157,7 @@ def _claim(out_dir: Path, manifest: dict[str, Any]) -> None:
 
 def run_job(
     pipeline: Pipeline, images: list[ImageEntry], out_dir: Path, batch_size: int, state,
-    progress: Callable[[int], Iterator] | None = None, **runtime: Any,
+    progress: Callable[[int], Any] | None = None, **runtime: Any,
 ) -> int:
     """Sample the ``images`` still missing in ``out_dir`` (this process's share of the blocks)
     and, on the main process, write ``index.jsonl``; returns how many images this process
