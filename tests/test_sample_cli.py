@@ -333,6 +333,16 @@ def test_pipeline_refuses_a_tokenizer_of_another_codebook(run, tmp_path):
         Pipeline.from_pretrained(run / "tokenizer")
 
 
+def test_a_run_directory_resolves_to_its_transformer(tmp_path):
+    from vqgen.sampling.cli import transformer_dir
+
+    (tmp_path / "transformer").mkdir()
+    for config in (tmp_path / "config.json", tmp_path / "transformer" / "config.json"):  # the run's, the model's
+        config.write_text("{}")
+    assert transformer_dir(tmp_path) == tmp_path / "transformer"
+    assert transformer_dir(tmp_path / "transformer") == tmp_path / "transformer"
+
+
 def test_pipeline_rejects_too_long_prompts(pipe):
     with pytest.raises(PromptError, match="limit of 24"):
         pipe(["a big red circle " * 20])

@@ -35,8 +35,9 @@ FLAGS = {"num": "num_images", "cfg": "cfg_scale", "cfg_schedule": "cfg_schedule"
 
 
 def transformer_dir(path: Path) -> Path:
-    """Accept a transformer checkpoint or a run directory holding ``transformer/``."""
-    if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
+    """Accept a transformer checkpoint or a run directory holding ``transformer/`` (a run
+    directory has a ``config.json`` of its own: the run config)."""
+    if (path / "transformer" / "config.json").is_file():
         return path / "transformer"
     return path
 
