@@ -22,7 +22,7 @@ ROOT = Path(__file__).parent.parent
 SAMPLING = {"cfg_scale": 2.0, "cfg_schedule": "constant", "temperature": 0.8, "top_k": 0, "top_p": 0.95,
             "num_images": 2, "seed": 5}
 PROMPTS = ["a big red circle in the top left", "a small blue square at the center and a big green circle on the right",
-           "a yellow triangle", "a big red circle in the top left"]
+           "a small yellow triangle in the bottom right", "a big red circle in the top left"]
 
 
 @pytest.fixture(scope="module")
