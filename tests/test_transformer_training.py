@@ -69,6 +69,19 @@ def test_resume_after_sigterm_is_bit_exact(run_dir, sigterm_at):
     assert straight["unigram_loss"] > 0 and json.loads((run_dir / "straight" / "report.json").read_text())["step"] == 6
 
 
+def test_rerunning_a_finished_stage_keeps_its_report(run_dir):
+    from vqgen.train.transformer import train_transformer
+
+    cfg = config(run_dir, "training.transformer.steps=4")
+    first = train_transformer(cfg, run_dir / "rerun")
+    report = (run_dir / "rerun" / "report.json").read_text()
+    assert train_transformer(cfg, run_dir / "rerun") == first  # nothing left to train: the report stands
+    assert (run_dir / "rerun" / "report.json").read_text() == report
+    (run_dir / "rerun" / "report.json").unlink()  # stopped after the last checkpoint, before the report
+    again = train_transformer(cfg, run_dir / "rerun")
+    assert again["final_loss"] == first["final_loss"] and again["step"] == 4
+
+
 def test_loss_falls_below_the_unigram_baseline(run_dir):
     from vqgen.train.transformer import train_transformer
 

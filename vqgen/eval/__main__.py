@@ -3,7 +3,8 @@
     python -m vqgen.eval adherence --images samples/ --prompts samples/prompts.txt [--json report.json]
         scores the sorted images of a folder against the prompts, line by line
     python -m vqgen.eval adherence --checkpoint runs/demo/transformer --prompts prompts.txt [--cfg 1.5 ...]
-        generates one image per prompt with a trained transformer first, then scores them
+        generates one image per prompt with a trained transformer first (sampling settings: the
+        checkpoint's unless a flag sets one; seeds as in sample.py), then scores them
     python -m vqgen.eval tokenizer --checkpoint DIR [--num N] [--json OUT]
         reconstruction and codebook metrics of a tokenizer (see vqgen.eval.tokenizer)
 
@@ -43,16 +44,17 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def add_adherence_arguments(parser: argparse.ArgumentParser) -> None:
+    from vqgen.sampling.cli import add_setting_arguments
+
     parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
     parser.add_argument("--images", type=Path,
                         help="folder of images, scored in sorted name order (with --checkpoint: where to save them)")
-    parser.add_argument("--checkpoint", type=Path, help="transformer checkpoint: generate the images first")
-    parser.add_argument("--cfg", type=float, default=1.5, help="guidance scale (with --checkpoint)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="(with --checkpoint)")
-    parser.add_argument("--top-k", type=int, default=0, help="(with --checkpoint) 0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="(with --checkpoint) 1 = off")
-    parser.add_argument("--seed", type=int, default=0, help="(with --checkpoint) prompt i's image uses this seed")
-    parser.add_argument("--json", type=Path, help="also write the scores here as JSON")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="transformer checkpoint (or run dir): generate one image per prompt first, with the "
+                        "sampling settings saved in it unless the flags below set them")
+    add_setting_arguments(parser, num=False)
+    parser.add_argument("--batch-size", type=int, default=64, help="(with --checkpoint) images sampled at once")
+    parser.add_argument("--json", type=Path, help="also write the scores (and the sampling settings) here as JSON")
 
 
 def load_images(folder: Path, count: int, prompts_path: Path) -> list[Image.Image]:
@@ -69,28 +71,33 @@ def load_images(folder: Path, count: int, prompts_path: Path) -> list[Image.Imag
     return images
 
 
-def generate_images(args: argparse.Namespace, prompts: list[str]) -> list[Image.Image]:
+def generate_images(args: argparse.Namespace, prompts: list[str]) -> tuple[list[Image.Image], dict]:
+    """One image per prompt from ``args.checkpoint`` -> (images, the effective settings);
+    prompt i's image uses seed ``image_seed(seed, i, 0)``, as ``sample.py`` does."""
     from vqgen.eval.grid import to_pil
-    from vqgen.sampling.cli import transformer_dir
+    from vqgen.sampling.cli import describe, overrides, transformer_dir
     from vqgen.sampling.pipeline import Pipeline
 
     pipeline = Pipeline.from_pretrained(transformer_dir(args.checkpoint))
-    _, tensors = pipeline(prompts, seed=args.seed, progress=True, cfg_scale=args.cfg,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    flagged = overrides(args)
+    settings = pipeline.settings(**flagged, num_images=1)
+    print(describe(pipeline, settings, flagged), flush=True)
+    _, tensors = pipeline(prompts, batch_size=args.batch_size, progress=True, **settings)
     images = to_pil(tensors)
     if args.images:
         args.images.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             image.save(args.images / f"{i:06d}.png")
-    return images
+    return images, {"checkpoint": pipeline.checkpoint, "weights": pipeline.weights, "sampling": settings}
 
 
 def run_adherence(args: argparse.Namespace) -> None:
     from vqgen.eval.scene import ATTRIBUTES, adherence
 
     prompts = read_prompts(args.prompts)
+    generated: dict = {}
     if args.checkpoint:
-        images = generate_images(args, prompts)
+        images, generated = generate_images(args, prompts)
     elif args.images:
         images = load_images(args.images, len(prompts), args.prompts)
     else:
@@ -100,7 +107,7 @@ def run_adherence(args: argparse.Namespace) -> None:
     for key in (*ATTRIBUTES, "count", "exact"):
         print(f"  {key:<9}{report[key]:8.2%}")
     if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report | generated, indent=2) + "\n")
 
 
 COMMANDS: dict[str, Command] = {

@@ -1,45 +1,88 @@
-"""``python sample.py``: images for prompts from a trained transformer, as a captioned grid.
+"""``python sample.py``: images for prompts from a trained transformer.
 
-    python sample.py --checkpoint runs/demo/transformer --prompt "a big red circle in the top left" --out grid.png
-    python sample.py --checkpoint runs/demo --prompts prompts.txt --num 4 --cfg 1.5 --out grid.png --out-dir images/
+    python sample.py --checkpoint runs/demo --prompt "a big red circle in the top left" --num 4 --out grid.png
+    python sample.py --checkpoint runs/demo --prompts prompts.txt --out-dir samples/
+    accelerate launch --num_processes 8 sample.py --checkpoint runs/demo --prompts prompts.jsonl --out-dir samples/
 
-Under ``accelerate launch`` the prompts are split across processes and the grid is assembled
-by the main process. Image ``i`` of a prompt always uses seed ``--seed + i``, so the images do
-not depend on the batch or the number of processes.
+Settings: the sampling section saved with the run (guidance, temperature, top-k/top-p, images
+per prompt, seed) unless a flag sets one; a JSONL prompt line may set its own ("seed",
+"cfg_scale", "temperature", "top_k", "top_p", "cfg_schedule", "num_images"). The effective
+settings are printed and saved with the images.
+
+Seeds: image i of prompt number p (0-based) uses the seed image_seed(seed, p, i), a hash of the
+three, so every (prompt, image) pair has its own noise; a JSONL line's own "seed" S gives its
+image i the seed S + i. The images do not depend on the number of processes.
+
+``--out-dir`` writes one PNG per image and ``index.jsonl`` (see ``vqgen.sampling.jobs``),
+resumes a killed job, and under ``accelerate launch`` splits the work without gathering
+images. ``--out`` tiles the images into one captioned grid (for small jobs). An empty prompt,
+or ``--unconditional``, samples the learned null caption.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from vqgen.checkpoint import CheckpointError
-from vqgen.data.prompts import read_prompts
+from vqgen.checkpoint import CheckpointError, atomic_write_text
+from vqgen.sampling.pipeline import check_setting
+
+# flag -> sampling setting it overrides
+FLAGS = {"num": "num_images", "cfg": "cfg_scale", "cfg_schedule": "cfg_schedule", "temperature": "temperature",
+         "top_k": "top_k", "top_p": "top_p", "seed": "seed"}
 
 
 def transformer_dir(path: Path) -> Path:
-    """Accept a transformer checkpoint or a run directory holding ``transformer/``."""
-    if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
+    """Accept a transformer checkpoint or a run directory holding ``transformer/`` (a run
+    directory has a ``config.json`` of its own: the run config)."""
+    if (path / "transformer" / "config.json").is_file():
         return path / "transformer"
     return path
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
+def setting_type(key: str, kind: type):
+    """An argparse type that parses with ``kind`` and checks the value as sampling setting ``key``."""
+
+    def parse(text: str):
+        try:
+            return check_setting(key, kind(text))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-        return value
+def add_setting_arguments(p: argparse.ArgumentParser, num: bool = True) -> None:
+    """The sampling flags, each defaulting to the checkpoint's value."""
+    if num:
+        p.add_argument("--num", type=setting_type("num_images", int), help="images per prompt")
+    p.add_argument("--cfg", type=setting_type("cfg_scale", float), help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cfg-schedule", type=setting_type("cfg_schedule", str), help="guidance over the tokens: constant | linear")
+    p.add_argument("--temperature", type=setting_type("temperature", float))
+    p.add_argument("--top-k", type=setting_type("top_k", int), help="0 = off")
+    p.add_argument("--top-p", type=setting_type("top_p", float), help="nucleus mass in (0, 1]; 1 = off")
+    p.add_argument("--seed", type=setting_type("seed", int), help="see 'Seeds' above")
 
-    return parse
+
+def overrides(args: argparse.Namespace) -> dict:
+    """The settings the command line sets (flags left unset keep the checkpoint's)."""
+    return {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag, None) is not None}
+
+
+def describe(pipeline, settings: dict, flagged: dict) -> str:
+    """One line per fact: checkpoint, weights, settings (a * marks a value set by a flag)."""
+    shown = " ".join(f"{k}={v}{'*' if k in flagged else ''}" for k, v in settings.items())
+    return (f"checkpoint: {pipeline.checkpoint} (weights: {pipeline.weights})\n"
+            f"sampling:   {shown}  (the checkpoint's; * = set on the command line)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,60 +90,83 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="transformer checkpoint dir (or a run dir)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the one the transformer was trained with)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    src.add_argument("--prompts", type=Path, help="file with one prompt per line")
-    p.add_argument("--num", type=_positive(int), default=4, help="images per prompt (default 4)")
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--cfg-schedule", default="constant", help="guidance schedule over the tokens")
-    p.add_argument("--temperature", type=_positive(float), default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus mass in (0, 1]; 1 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive(int), default=32, help="prompts per sampling batch")
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable); \"\" = unconditional")
+    src.add_argument("--prompts", type=Path, help="text file (one prompt per line) or .jsonl (see above)")
+    src.add_argument("--unconditional", action="store_true", help="sample the learned null caption")
+    add_setting_arguments(p)
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="images sampled and decoded at once (default 32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--ema", action="store_true", help="use the EMA weights if the checkpoint has them")
-    p.add_argument("--out", type=Path, required=True, help="captioned grid PNG")
-    p.add_argument("--out-dir", type=Path, help="also write every image as PNG here")
+    p.add_argument("--out", type=Path, help="captioned grid PNG")
+    p.add_argument("--out-dir", type=Path, help="one PNG per image + index.jsonl; resumable")
     return p
 
 
+def _grid(images: list, entries: list, out: Path, ncol: int, pipeline) -> None:
+    """The captioned grid, with its tiles' prompts, seeds and settings beside it (``out.jsonl``)."""
+    from vqgen.eval.grid import save_grid
+
+    save_grid(images, [e.prompt or "(unconditional)" for e in entries], out, ncol=ncol)
+    lines = [json.dumps({**e.record(pipeline.checkpoint, pipeline.weights), "file": out.name, "tile": k})
+             for k, e in enumerate(entries)]
+    atomic_write_text(out.with_suffix(".jsonl"), "\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.out is None and args.out_dir is None:
+        p.error("give --out grid.png, --out-dir DIR, or both")
+    import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
 
-    from vqgen.eval.grid import save_grid, to_pil
+    from vqgen.sampling.jobs import Prompt, blocks, plan, read_prompt_file, run_job, sample_block
     from vqgen.sampling.pipeline import Pipeline
     from vqgen.text import PromptError
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     try:
-        prompts = args.prompt if args.prompt else read_prompts(args.prompts)
-        for i, prompt in enumerate(prompts):
-            if not prompt.strip():
-                raise PromptError(f"prompt {i + 1} is empty; give text to condition on")
-        pipeline = Pipeline.from_pretrained(transformer_dir(args.checkpoint), args.tokenizer, device=state.device, ema=args.ema)
-        pipeline.encoder.encode(prompts)  # every prompt checked (length, emptiness) before any sampling
-        indices = list(range(len(prompts)))
-        with state.split_between_processes(indices) as mine:
-            images = []
-            if mine:
-                _, tensors = pipeline([prompts[i] for i in mine], num_images=args.num, seed=args.seed,
-                                      batch_size=args.batch_size, progress=state.is_main_process,
-                                      cfg_scale=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                                      top_k=args.top_k, top_p=args.top_p, compile=args.compile)
-                images = to_pil(tensors)
-        images = gather_object(images) if state.num_processes > 1 else images  # prompt-major order kept
+        if args.prompts:
+            prompts = read_prompt_file(args.prompts)
+        else:
+            prompts = [Prompt(text) for text in (args.prompt or [""])]
+        pipeline = Pipeline.from_pretrained(transformer_dir(args.checkpoint), args.tokenizer, device=state.device)
+        texts = sorted({p.text for p in prompts})
+        for k in range(0, len(texts), 256):  # every prompt checked (length) before any sampling, memory flat
+            pipeline.encode(texts[k : k + 256])
+        flagged = overrides(args)
+        entries = plan(prompts, pipeline, flagged)
+        runtime = {"compile": True} if args.compile else {}
+        if state.is_main_process:
+            print(describe(pipeline, pipeline.settings(**flagged), flagged))
+            own = sum(bool(p.settings or p.seed is not None) for p in prompts)
+            if own:
+                print(f"            {own} of {len(prompts)} prompts set their own seed or settings ({args.prompts})")
+            print(f"{len(entries)} images for {len(prompts)} prompts", flush=True)
+        if args.out_dir:
+            def progress(total: int):
+                return tqdm(total=total, unit="img", desc=f"sampling (process {state.process_index})",
+                            disable=not state.is_main_process, dynamic_ncols=True)
+
+            run_job(pipeline, entries, args.out_dir, args.batch_size, state, progress=progress, **runtime)
+            if state.is_main_process and args.out:
+                from PIL import Image
+
+                images = [Image.open(args.out_dir / e.file).convert("RGB") for e in entries]
+        else:
+            with state.split_between_processes(blocks(entries, args.batch_size)) as mine:
+                images = []
+                for block in tqdm(mine, unit="block", desc="sampling", disable=not state.is_main_process):
+                    images += sample_block(pipeline, block, **runtime)
+            images = gather_object(images) if state.num_processes > 1 else images  # rank order = prompt-major
     except (CheckpointError, PromptError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if state.is_main_process:
-        captions = [p for p in prompts for _ in range(args.num)]
-        save_grid(images, captions, args.out, ncol=args.num)
-        if args.out_dir:
-            args.out_dir.mkdir(parents=True, exist_ok=True)
-            for k, image in enumerate(images):
-                image.save(args.out_dir / f"{k // args.num:04d}_{k % args.num:02d}.png")
-        print(f"wrote {len(images)} images for {len(prompts)} prompts: {args.out}"
-              + (f" and {args.out_dir}/" if args.out_dir else ""))
+        if args.out:
+            _grid(images, entries, args.out, max(e.image for e in entries) + 1, pipeline)
+        where = " and ".join(str(x) for x in (args.out, args.out_dir) if x)
+        print(f"wrote {len(entries)} images for {len(prompts)} prompts: {where}")
     return 0

@@ -1,21 +1,95 @@
 """Prompts in, images out: the transformer, its tokenizer and its text encoder, loaded together.
 
 ``Pipeline.from_pretrained(transformer_dir)`` finds the tokenizer the transformer was trained
-with (recorded in its config) and the text encoder named there; ``pipeline(prompts, ...)``
-encodes the prompts, samples codes with :func:`vqgen.sampling.generate`, and decodes them.
+with (recorded in its config) and the text encoder named there, and reads the sampling
+settings the run was trained and scored with (the ``sampling`` section of the run config saved
+in the export's ``config.json``): they are the defaults of every call, overridable one by one.
+``pipeline(prompts, ...)`` encodes the prompts, samples codes with
+:func:`vqgen.sampling.generate`, and decodes them.
+
+Seeds. Image ``i`` of prompt number ``p`` (its 0-based position in the prompt list) is drawn
+from its own stream, seeded with ``image_seed(seed, p, i)``: a hash of the three numbers, so
+no two (prompt, image) pairs share noise, and the streams of one seed never overlap those of
+the next. An image's noise depends on (seed, p, i) alone, not on the batch it is sampled in
+nor on how many processes share the work; the batch can only change float rounding in the
+model's matmuls, which moves a rare code (``vqgen.sampling.jobs`` keeps batches fixed, for
+bit-identical files).
+
+Unconditional samples. An empty prompt ("") is the learned null caption: a text mask that is
+all False leaves the null token as the only text to attend to, which is exactly the stream
+classifier-free guidance calls unconditional (``model.context(..., drop_cond=True)``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from vqgen.checkpoint import CheckpointError, load_config_json
+from vqgen.config import SamplingConfig
 from vqgen.model import Transformer
-from vqgen.sampling.generate import generate
+from vqgen.sampling.generate import SCHEDULES, generate
+
+# the sampling settings a checkpoint records and every call may override
+SETTINGS = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "num_images", "seed")
+MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; the sum seed + i of a prompt's own seed stays valid
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# each setting: (is the value valid, what a valid value is)
+_RULES: dict[str, tuple[Any, str]] = {
+    "cfg_scale": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0 (1 = no guidance, 0 = unconditional)"),
+    "cfg_schedule": (lambda v: v in SCHEDULES, f"one of {list(SCHEDULES)}"),
+    "temperature": (lambda v: _is_number(v) and v > 0, "a finite number > 0 (for greedy decoding use top_k=1)"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
+    "num_images": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "seed": (lambda v: _is_int(v) and 0 <= v <= MAX_SEED // 2, f"an integer in [0, {MAX_SEED // 2}]"),
+}
+
+
+def check_setting(key: str, value: Any, where: str = "") -> Any:
+    """``value`` if it is valid for sampling setting ``key``, else a ``ValueError`` naming
+    both (and ``where`` it came from: a flag, a file line, a checkpoint)."""
+    if key not in _RULES:
+        raise ValueError(f"{where}unknown sampling setting {key!r}; valid ones: {', '.join(SETTINGS)}")
+    valid, expected = _RULES[key]
+    if not valid(value):
+        raise ValueError(f"{where}sampling setting {key} must be {expected}, got {value!r}")
+    return value
+
+
+def image_seed(seed: int, prompt: int, image: int) -> int:
+    """The seed of image ``image`` of prompt number ``prompt``: the first 63 bits of
+    BLAKE2b("{seed}/{prompt}/{image}"), one independent stream per (seed, prompt, image)."""
+    digest = hashlib.blake2b(f"{seed}/{prompt}/{image}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def checkpoint_settings(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """The sampling settings saved with a run (``config["run"]["sampling"]``); the neutral
+    defaults of ``SamplingConfig`` for what a checkpoint does not record."""
+    defaults = dataclasses.asdict(SamplingConfig())
+    saved = (config.get("run") or {}).get("sampling") or {}
+    settings = {key: saved.get(key, defaults[key]) for key in SETTINGS}
+    for key, value in settings.items():
+        check_setting(key, value, f"{source}: ")
+    return settings
 
 
 @dataclass
@@ -23,14 +97,21 @@ class Pipeline:
     transformer: Transformer
     tokenizer: torch.nn.Module  # vqgen.tokenizer.VQTokenizer
     encoder: object  # vqgen.text.TextEncoder
+    defaults: dict[str, Any] = field(default_factory=lambda: checkpoint_settings({}, "defaults"))
+    checkpoint: str = ""  # where the transformer was loaded from
+    weights: str = "raw"  # "ema (decay D)" when the export holds EMA weights
 
     @classmethod
     def from_pretrained(
         cls, transformer_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str | torch.device = "cpu",
-        ema: bool = False,
     ) -> Pipeline:
         """Load a transformer checkpoint with its tokenizer (``tokenizer_dir`` overrides the one
-        recorded at training time) and text encoder; checks that the three fit together."""
+        recorded at training time), its text encoder and its sampling settings; checks that
+        the three models fit together.
+
+        The weights are the export's ``model.safetensors``: the EMA weights when the run
+        trained with ``ema_decay > 0`` (the training loop exports those), the raw ones otherwise.
+        """
         from vqgen.text import TextEncoder
         from vqgen.tokenizer import VQTokenizer
 
@@ -43,7 +124,8 @@ class Pipeline:
             tokenizer_dir = Path(recorded)
             if not tokenizer_dir.is_dir():  # the run directory moved: look beside the transformer
                 tokenizer_dir = transformer_dir.parent / "tokenizer"
-        transformer = Transformer.from_pretrained(transformer_dir, ema=ema, device=device).eval()
+        defaults = checkpoint_settings(config, str(transformer_dir / "config.json"))
+        transformer = Transformer.from_pretrained(transformer_dir, device=device).eval()
         tokenizer = VQTokenizer.from_pretrained(tokenizer_dir, device=device).eval()
         transformer.check_compatible(tokenizer.codebook_size, tokenizer.grid)
         encoder = TextEncoder(transformer.cfg.text_encoder, max_length=transformer.cfg.max_text_len, device=device)
@@ -52,33 +134,75 @@ class Pipeline:
                 f"text encoder {transformer.cfg.text_encoder!r} gives {encoder.dim}-dim embeddings, "
                 f"but {transformer_dir} was trained on {transformer.cfg.text_dim}-dim ones"
             )
-        return cls(transformer, tokenizer, encoder)
+        decay = (((config.get("run") or {}).get("training") or {}).get("transformer") or {}).get("ema_decay", 0.0)
+        weights = f"ema (decay {decay})" if decay else "raw"
+        return cls(transformer, tokenizer, encoder, defaults, str(transformer_dir.resolve()), weights)
 
     @property
     def device(self) -> torch.device:
         return self.transformer.bos.device
 
+    def settings(self, where: str = "", **overrides: Any) -> dict[str, Any]:
+        """The checkpoint's sampling settings with ``overrides`` (None = keep) applied, checked.
+        Keys outside ``SETTINGS`` (e.g. ``compile``) pass through to ``generate`` unchecked."""
+        settings = dict(self.defaults)
+        for key, value in overrides.items():
+            if value is not None:
+                settings[key] = check_setting(key, value, where) if key in SETTINGS else value
+        return settings
+
+    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Prompts -> (text [P, L, d], mask [P, L]); an empty prompt gets an all-False mask (the
+        null caption). A prompt longer than the text encoder takes raises ``PromptError``."""
+        from vqgen.text import PromptError
+
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise PromptError(f"prompt {i} is a {type(prompt).__name__}, not text")
+        texts = [p for p in prompts if p.strip()]
+        emb, emb_mask = self.encoder.encode(texts)  # [n, L, d], [n, L]: validates every prompt
+        text = torch.zeros(len(prompts), emb.shape[1], self.encoder.dim)  # [P, L, d]
+        mask = torch.zeros(len(prompts), emb.shape[1], dtype=torch.bool)  # [P, L]
+        rows = torch.tensor([i for i, p in enumerate(prompts) if p.strip()], dtype=torch.long)
+        if len(rows):
+            text[rows], mask[rows] = emb.float().cpu(), emb_mask.cpu()
+        return text, mask
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], **options: Any) -> tuple[Tensor, Tensor]:
+        """One batch, one image per entry: ``prompts[k]`` drawn with seed ``seeds[k]`` ->
+        (codes [P, h, w], images [P, 3, H, W] in [-1, 1]). ``options`` go to :func:`generate`."""
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
+        text, mask = self.encode(prompts)
+        valid = mask.any(0)  # drop padding columns that no prompt of the batch uses
+        codes = generate(self.transformer, text[:, valid].to(self.device), mask[:, valid].to(self.device),
+                         num_images=1, seeds=torch.tensor(list(seeds), dtype=torch.long), **options)
+        return codes, self.tokenizer.decode(codes).clamp(-1, 1)
+
     @torch.no_grad()
     def __call__(
-        self, prompts: list[str], num_images: int = 1, seed: int = 0, batch_size: int = 64, progress: bool = False,
-        **options,
+        self, prompts: Sequence[str], num_images: int | None = None, seed: int | None = None, batch_size: int = 64,
+        progress: bool = False, **options: Any,
     ) -> tuple[Tensor, Tensor]:
-        """``prompts`` -> (codes [P * num_images, h, w], images [P * num_images, 3, H, W] in [-1, 1]).
-
-        Image ``i`` of every prompt uses seed ``seed + i``, so a prompt gives the same images
-        alone or in any batch; prompts are sampled ``batch_size`` at a time. ``options`` go to
-        :func:`generate` (cfg_scale, temperature, top_k, top_p, cfg_schedule, compile). An empty
-        prompt or one longer than the text encoder takes raises ``PromptError`` before any work.
+        """``prompts`` -> (codes [P * num_images, h, w], images [P * num_images, 3, H, W] in [-1, 1]),
+        prompt-major. Unset settings (``num_images``, ``seed``, ``options``: cfg_scale,
+        temperature, top_k, top_p, cfg_schedule; also ``compile``) are the checkpoint's. Image
+        ``i`` of ``prompts[p]`` uses seed ``image_seed(seed, p, i)``; ``batch_size`` images are
+        sampled and decoded at a time. "" is the null caption. A prompt too long for the text encoder raises
+        ``PromptError`` before any work.
         """
         from tqdm.auto import tqdm
 
+        settings = self.settings(num_images=num_images, seed=seed, **options)
+        n, seed = settings.pop("num_images"), settings.pop("seed")
         prompts = list(prompts)
-        text, mask = self.encoder.encode(prompts)  # [P, L, d], [P, L]: validates every prompt first
-        codes = []
-        for start in tqdm(range(0, len(prompts), batch_size), desc="sampling", disable=not progress):
-            chunk = slice(start, start + batch_size)
-            valid = mask[chunk].any(0)  # drop padding columns that no prompt in the chunk uses
-            codes.append(generate(self.transformer, text[chunk][:, valid].to(self.device),
-                                  mask[chunk][:, valid].to(self.device), num_images=num_images, seeds=seed, **options))
-        codes = torch.cat(codes)
-        return codes, self.tokenizer.decode(codes).clamp(-1, 1)
+        self.encode(prompts)  # every prompt checked before any sampling
+        jobs = [(p, i) for p in range(len(prompts)) for i in range(n)]
+        codes, images = [], []
+        for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", disable=not progress):
+            chunk = jobs[start : start + batch_size]
+            c, x = self.sample([prompts[p] for p, _ in chunk], [image_seed(seed, p, i) for p, i in chunk], **settings)
+            codes.append(c)
+            images.append(x)
+        return torch.cat(codes), torch.cat(images)

@@ -6,12 +6,19 @@ Stages, each timed, each resumable (run the command again after an interruption)
 2. ``transformer`` encode the training scenes into codes, cache their caption embeddings,
                    train the transformer;
 3. ``adherence``   sample images for fresh prompts (never training captions): single-object,
-                   two-object, and held-out attribute combinations; score them with the scene
-                   checker;
+                   two-object, and held-out attribute combinations, with the sampling settings
+                   saved in the transformer's checkpoint; score them with the scene checker;
+                   measure the tokenizer on held-out scenes too, to say which model limits
+                   the held-out figure;
 4. ``samples``     a captioned grid for a few prompts, held-out combinations included.
 
 Everything lands under the run directory: ``tokenizer/``, ``transformer/`` (both loadable by
-``sample.py`` and ``python -m vqgen.eval``), ``samples.png`` and ``report.json``.
+``sample.py`` and ``python -m vqgen.eval``), ``prompts/{single,two,heldout}.txt`` (the
+evaluation prompts: ``python -m vqgen.eval adherence --checkpoint <run> --prompts
+<run>/prompts/two.txt`` repeats a figure), ``samples.png`` and ``report.json``.
+
+The tokenizer is trained on every attribute combination (it sees no captions; ``data.holdout``
+holds combinations out of the transformer's training only).
 """
 
 from __future__ import annotations
@@ -73,6 +80,25 @@ def grid_prompts(cfg: Config) -> list[str]:
     return [p for prompts in sets.values() for p in prompts]
 
 
+def heldout_limit(cfg: Config, tokenizer, generator_exact: float, num: int = EVAL_PROMPTS) -> dict:
+    """Which of the two models limits the held-out adherence figure: the tokenizer's exact
+    match on reconstructions of held-out scenes (``num`` of them, from the held-out prompt
+    set's seed) beside the generator's exact match on held-out prompts; the lower one is the limit."""
+    from vqgen.data.shapes import ShapesDataset
+    from vqgen.eval.tokenizer import evaluate_tokenizer
+
+    offset = 2  # the held-out set's seed offset in ``evaluation_prompts``
+    scenes = ShapesDataset(num=num, seed=EVAL_SEED + offset, resolution=cfg.data.resolution,
+                           min_objects=cfg.data.min_objects, max_objects=cfg.data.max_objects,
+                           holdout=cfg.data.holdout, split="holdout")
+    tokenizer_exact = evaluate_tokenizer(tokenizer, scenes)["exact"]
+    limited_by = "tokenizer" if tokenizer_exact <= generator_exact else "generator"
+    verdict = (f"heldout: generator {generator_exact:.1%} exact; the tokenizer reconstructs {tokenizer_exact:.1%} of "
+               f"held-out scenes exactly, so the {limited_by} limits the held-out figure")
+    return {"tokenizer_exact": tokenizer_exact, "generator_exact": generator_exact, "limited_by": limited_by,
+            "verdict": verdict}
+
+
 @contextlib.contextmanager
 def stage(name: str, seconds: dict[str, float]):
     print(f"\n== {name} ==", flush=True)
@@ -106,22 +132,26 @@ def run_demo(cfg: Config, out: Path) -> dict:
         tr = train_transformer(cfg, out / "transformer")
     report["transformer"] = {k: tr[k] for k in ("final_loss", "unigram_loss", "step", "tokens_per_s", "training_state") if k in tr}
 
-    pipeline = Pipeline.from_pretrained(out / "transformer")
-    options = dict(cfg_scale=cfg.sampling.cfg_scale, temperature=cfg.sampling.temperature,
-                   top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p, seed=cfg.sampling.seed)
+    pipeline = Pipeline.from_pretrained(out / "transformer")  # samples with the run's sampling settings
     with stage("adherence", seconds):
         from vqgen.data.codes import CodeShards
 
         training = set(CodeShards(out / "transformer" / "codes").captions)
         report["adherence"] = {}
         for name, prompts in evaluation_prompts(cfg, training).items():
-            _, images = pipeline(prompts, progress=True, **options)
+            # saved, so that `python -m vqgen.eval adherence --checkpoint <out> --prompts <file>` repeats it
+            atomic_write_text(out / "prompts" / f"{name}.txt", "\n".join(prompts) + "\n")
+            _, images = pipeline(prompts, num_images=1, progress=True)
             report["adherence"][name] = adherence(images, prompts)
             print(f"{name:>8}: exact {report['adherence'][name]['exact']:.1%} over {len(prompts)} prompts")
+        report["sampling"] = pipeline.settings(num_images=1)
+        if "heldout" in report["adherence"]:
+            report["heldout"] = heldout_limit(cfg, pipeline.tokenizer, report["adherence"]["heldout"]["exact"])
+            print(report["heldout"]["verdict"])
 
     with stage("samples", seconds):
         prompts = grid_prompts(cfg)
-        _, images = pipeline(prompts, num_images=4, **options)
+        _, images = pipeline(prompts, num_images=4)
         captions = [p for p in prompts for _ in range(4)]
         save_grid(images, captions, out / "samples.png", ncol=4)
 

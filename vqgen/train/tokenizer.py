@@ -17,6 +17,7 @@ exports the weights of the step it reached and says so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -39,12 +40,18 @@ PREVIEW_IMAGES = 8
 
 
 class FreshShapes:
-    """``(step, rank, world) -> batch`` of never-repeating shapes scenes (a pure function)."""
+    """``(step, rank, world) -> batch`` of never-repeating shapes scenes (a pure function).
+
+    ``data.holdout`` is not applied: it holds caption-level attribute combinations out of the
+    transformer's training, and the tokenizer, which sees no captions, must reconstruct those
+    scenes too for the held-out score to measure the transformer.
+    """
 
     def __init__(self, cfg: Config, batch_size: int):
         from vqgen.data.shapes import ShapesDataset
 
-        self.dataset = ShapesDataset.from_config(cfg.data, split="train", num=ENDLESS)
+        every_combination = dataclasses.replace(cfg.data, holdout=[])
+        self.dataset = ShapesDataset.from_config(every_combination, split="train", num=ENDLESS)
         self.batch_size = batch_size
 
     def __call__(self, step: int, rank: int, world: int) -> dict:

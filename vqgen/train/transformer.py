@@ -156,6 +156,11 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
         ],
     )
     metrics = fit(accelerator, task, train_cfg, cfg, out_dir)
+    if "loss" not in metrics:  # the stage had already finished: this call trained no step
+        report = out_dir / "report.json"
+        if report.is_file():
+            return json.loads(report.read_text())  # it stands as written when the stage ended
+        metrics = last_logged(out_dir) | metrics
     metrics["training_state"] = training_state(metrics["step"], train_cfg.steps)
     metrics["unigram_loss"] = unigram_loss(shards)
     metrics["skipped_samples"] = shards.meta.get("skipped_samples", {})  # dropped when the codes were encoded
@@ -163,3 +168,12 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
     if accelerator.is_main_process:
         atomic_write_text(out_dir / "report.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def last_logged(out_dir: Path) -> dict:
+    """The last metrics line of ``<out_dir>/log.jsonl`` (without its step), or {}."""
+    log = Path(out_dir) / "log.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    last.pop("step", None)
+    return last
