@@ -16,6 +16,7 @@ from torch import Tensor
 from vqgen.checkpoint import CheckpointError, load_config_json
 from vqgen.model import Transformer
 from vqgen.sampling.generate import generate
+from vqgen.sampling.quantize import quantize as quantize_model
 
 
 @dataclass
@@ -27,10 +28,12 @@ class Pipeline:
     @classmethod
     def from_pretrained(
         cls, transformer_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str | torch.device = "cpu",
-        ema: bool = False,
+        ema: bool = False, quantize: str | None = None,
     ) -> Pipeline:
         """Load a transformer checkpoint with its tokenizer (``tokenizer_dir`` overrides the one
-        recorded at training time) and text encoder; checks that the three fit together."""
+        recorded at training time) and text encoder; checks that the three fit together.
+        ``quantize`` (``int8``, ``int8-dynamic``, ``int8-weight``) swaps the transformer for a
+        sampling-only int8 copy (:func:`vqgen.sampling.quantize.quantize`)."""
         from vqgen.text import TextEncoder
         from vqgen.tokenizer import VQTokenizer
 
@@ -46,6 +49,8 @@ class Pipeline:
         transformer = Transformer.from_pretrained(transformer_dir, ema=ema, device=device).eval()
         tokenizer = VQTokenizer.from_pretrained(tokenizer_dir, device=device).eval()
         transformer.check_compatible(tokenizer.codebook_size, tokenizer.grid)
+        if quantize:
+            transformer = quantize_model(transformer, quantize)
         encoder = TextEncoder(transformer.cfg.text_encoder, max_length=transformer.cfg.max_text_len, device=device)
         if encoder.dim != transformer.cfg.text_dim:
             raise CheckpointError(
