@@ -9,7 +9,7 @@ from vqgen.bench.__main__ import main
 from vqgen.bench.sampling import (
     BenchSpec,
     Contestant,
-    GuidanceMix,
+    GuidedDraw,
     format_table,
     hf_twin,
     interleaved,
@@ -142,11 +142,21 @@ def test_contestants_run_interleaved_in_rotating_order():
     assert all(len(r["runs"]) == 3 and r["tokens"] == 9 for r in results.values())
 
 
-def test_hf_guidance_mix_gives_both_rows_of_an_image_the_guided_logits():
-    scores = torch.randn(6, 10)  # 3 images: conditional rows, then null-caption rows
-    out = GuidanceMix(1.5)(torch.zeros(6, 1, dtype=torch.long), scores)
-    guided = scores[3:] + 1.5 * (scores[:3] - scores[3:])
-    assert torch.allclose(out[:3], guided) and torch.allclose(out[3:], guided)
+def test_hf_guided_draw_gives_both_rows_of_an_image_one_code_from_the_guided_distribution():
+    V = 10
+    cond, uncond = torch.zeros(2, V), torch.zeros(2, V)
+    cond[0, 3], uncond[0, 3] = 8.0, 4.0  # image 0: guidance sharpens code 3: 4 + 1.5 * 4 = 10
+    cond[1, 7] = 2.0  # image 1: code 7 at 0 + 1.5 * 2 = 3 among nine codes at 0
+    scores = torch.cat([cond, uncond])  # conditional rows, then null-caption rows
+    torch.manual_seed(0)
+    out = torch.stack([GuidedDraw(1.5)(torch.zeros(4, 1, dtype=torch.long), scores) for _ in range(400)])  # [400, 4, V]
+    assert ((out == 0).sum(-1) == 1).all() and ((out == -torch.inf).sum(-1) == V - 1).all()  # one code per row
+    codes = out.argmax(-1)  # [400, 4]: what generate(do_sample=False) picks
+    assert torch.equal(codes[:, :2], codes[:, 2:])  # both streams of an image get the same code
+    # frequencies follow softmax of the guided logits: code 3 has p = 0.9996, code 7 p = e^3 / (e^3 + 9) = 0.69
+    # (conditional logits alone would give code 7 p = 0.45); 400 draws: standard error 0.023
+    assert (codes[:, 0] == 3).float().mean() > 0.99
+    assert 0.62 < (codes[:, 1] == 7).float().mean() < 0.76
 
 
 def test_speculative_contestant_passes_the_window_to_generate(monkeypatch):

@@ -15,10 +15,11 @@ in one process:
 - the same text length: vqgen projects ``text_len`` text embeddings of the MiniLM width to
   its own width and prepends its null token; the twin receives ``text_len + 1`` encoder
   states generated directly at its width (GPT-2 cross-attention needs ``n_embd`` inputs);
-- the same number of generated tokens from a single start token, the same dtype, and
-  sampling from the full guided distribution (``top_k=0``), so neither side stops early:
-  vqgen mixes the two streams' logits into one guided distribution per image, and so does a
-  logits processor on the HF side (``GuidanceMix``) for each of its rows.
+- the same number of generated tokens from a single start token, the same dtype, and the
+  same draws: per image and step one code from the full guided distribution (vqgen mixes the
+  two streams' logits and draws by inverse CDF; on the HF side the logits processor
+  ``GuidedDraw`` mixes them and draws with ``torch.multinomial``), so neither side stops
+  early and both streams of an image continue with the same code.
 
 Weights are randomly initialised: the time of a step does not depend on their values.
 """
@@ -166,32 +167,41 @@ def hf_twin(cfg: TransformerConfig, max_new_tokens: int):
     return GPT2LMHeadModel(config).eval()
 
 
-class GuidanceMix:
-    """An HF logits processor doing vqgen's guidance: rows [0, B) conditional, [B, 2B) null
-    caption; every row gets its image's guided logits ``uncond + scale * (cond - uncond)``."""
+class GuidedDraw:
+    """An HF logits processor that draws one code per image, as vqgen does, and hands it to
+    ``generate()`` as a point mass, which it then takes by argmax (``do_sample=False``).
+
+    Rows [0, B) are conditional and, when guided, rows [B, 2B) see the null caption. Each
+    image's code is drawn with ``torch.multinomial`` (HF's own sampler) from the guided
+    distribution ``softmax(uncond + scale * (cond - uncond))``; both rows of the image receive
+    it. Left to itself, ``generate()`` would draw once per row: twice the draws with guidance
+    (a draw over 16,384 codes costs ~1 ms on a CPU core), and each row its own code.
+    """
 
     def __init__(self, scale: float):
         self.scale = scale
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        cond, uncond = scores.chunk(2)  # [B, V] each
-        guided = torch.lerp(uncond, cond, self.scale)
-        return torch.cat([guided, guided])  # [2B, V]
+        logits = scores
+        if self.scale != 1:
+            cond, uncond = scores.chunk(2)  # [B, V] each
+            logits = torch.lerp(uncond, cond, self.scale)
+        codes = torch.multinomial(logits.softmax(-1), 1)  # [B, 1]
+        codes = repeat(codes, "b 1 -> (r b) 1", r=scores.shape[0] // codes.shape[0])  # [rows, 1]
+        return torch.full_like(scores, -math.inf).scatter_(1, codes, 0.0)
 
 
 def hf_generate(model, encoder_states: Tensor, encoder_mask: Tensor, tokens: int, cfg_scale: float = 1.0) -> Tensor:
-    """``generate()`` from a start token on each row of encoder_states [S, L, D] -> [S, 1 + tokens],
-    sampling from the full (guided, when ``cfg_scale`` != 1) distribution with its KV cache and
-    never stopping early."""
+    """``generate()`` from a start token on each row of encoder_states [S, L, D] -> [S, 1 + tokens]:
+    one code per image and step drawn from the full (guided, when ``cfg_scale`` != 1)
+    distribution by ``GuidedDraw``, with HF's KV cache, never stopping early."""
     from transformers import LogitsProcessorList
 
     start = torch.full((encoder_states.shape[0], 1), START, device=encoder_states.device)  # [S, 1]
-    processors = LogitsProcessorList([GuidanceMix(cfg_scale)] if cfg_scale != 1 else [])
     return model.generate(
         input_ids=start, attention_mask=torch.ones_like(start), encoder_hidden_states=encoder_states,
-        encoder_attention_mask=encoder_mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+        encoder_attention_mask=encoder_mask, do_sample=False, logits_processor=LogitsProcessorList([GuidedDraw(cfg_scale)]),
         min_new_tokens=tokens, max_new_tokens=tokens, use_cache=True, eos_token_id=None, pad_token_id=PAD,
-        logits_processor=processors,
     )
 
 
