@@ -111,3 +111,23 @@ def test_bf16_model_keeps_its_dtype(model, prompts):
         quantized = quantize(model, mode).to(torch.bfloat16)
         codes = generate(quantized, text[:2], mask[:2], cfg_scale=1.5, seeds=0)
         assert codes.shape == (2, *GRID) and codes.max() < V
+
+
+def test_pipeline_loads_a_checkpoint_quantized(tmp_path):
+    from vqgen.config import load_config
+    from vqgen.sampling.pipeline import Pipeline
+    from vqgen.tokenizer import VQTokenizer
+
+    cfg = load_config(None, ["model.dim=64", "model.depth=1", "model.heads=2"])
+    torch.manual_seed(0)
+    tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    model_cfg = TransformerConfig.from_model_config(cfg.model, tokenizer.codebook_size, tokenizer.grid, 384)
+    Transformer(model_cfg).save_pretrained(tmp_path / "transformer", extra_config={"tokenizer": str(tmp_path / "tokenizer")})
+
+    pipe = Pipeline.from_pretrained(tmp_path / "transformer", quantize="int8")
+    assert isinstance(pipe.transformer.head, DynamicInt8Linear)
+    codes, images = pipe(["a big red circle in the top left"], seed=1)
+    assert codes.shape == (1, *tokenizer.grid) and images.shape[1] == 3
+    with pytest.raises(ValueError, match="quantize mode 'int2' is not supported"):
+        Pipeline.from_pretrained(tmp_path / "transformer", quantize="int2")
