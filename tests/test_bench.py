@@ -4,8 +4,19 @@ import pytest
 import torch
 from torch import nn
 
+import vqgen.bench.sampling as bench
 from vqgen.bench.__main__ import main
-from vqgen.bench.sampling import BenchSpec, format_table, hf_twin, on_grid, run_sampling_bench, vqgen_model
+from vqgen.bench.sampling import (
+    BenchSpec,
+    Contestant,
+    GuidedDraw,
+    format_table,
+    hf_twin,
+    interleaved,
+    on_grid,
+    run_sampling_bench,
+    vqgen_model,
+)
 
 # a micro model: 4x4 grid, 2 images with guidance = 4 streams; one thread keeps it quick and steady
 MICRO = ["--dim", "32", "--depth", "2", "--heads", "2", "--tokens", "16", "--batch", "2",
@@ -15,7 +26,7 @@ MICRO = ["--dim", "32", "--depth", "2", "--heads", "2", "--tokens", "16", "--bat
 @pytest.fixture(scope="module")
 def cli_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "micro.json"
-    assert main(["sampling", *MICRO, "--no-cache-tokens", "8", "--json", str(out)]) == 0
+    assert main(["sampling", *MICRO, "--no-cache-tokens", "8", "--quantize", "int8", "--json", str(out)]) == 0
     return json.loads(out.read_text())
 
 
@@ -27,19 +38,26 @@ def test_json_schema_and_every_contestant_generated_the_requested_tokens(cli_res
     assert r["shape"] == {"dim": 32, "depth": 2, "heads": 2, "vocab": 1000, "mlp_hidden": 64}
     # the baseline ran the 2-row raster prefix and is compared with the cached sampler on it
     tokens = {name: entry["tokens"] for name, entry in r["results"].items()}
-    assert tokens == {"vqgen": 16, "no_cache": 8, "vqgen_prefix": 8, "hf": 16}
+    assert tokens == {"vqgen": 16, "vqgen_int8": 16, "no_cache": 8, "vqgen_prefix": 8, "hf": 16}
     for entry in r["results"].values():
         assert entry["tokens_per_s"] == pytest.approx(2 * entry["tokens"] / entry["seconds"])
         assert entry["s_per_image"] == pytest.approx(entry["seconds"] / 2)
     res = r["results"]
     assert r["ratios"]["vs_hf"] == pytest.approx(res["hf"]["seconds"] / res["vqgen"]["seconds"])
     assert r["ratios"]["vs_no_cache"] == pytest.approx(res["no_cache"]["seconds"] / res["vqgen_prefix"]["seconds"])
+    assert r["ratios"]["int8_vs_hf"] == pytest.approx(res["hf"]["seconds"] / res["vqgen_int8"]["seconds"])
+    assert r["quantize"] == "int8-dynamic"  # int8 on a CPU: dynamic activation quantization
     assert any("first 8 tokens (a 2x4 raster prefix)" in note for note in r["notes"])
+    cpu = r["cpu"]
+    assert cpu["capability"] == torch.backends.cpu.get_cpu_capability() and cpu["model"] in r["device"]
+    assert cpu["cores"] >= 1 and set(cpu["flags"]) <= {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
+                                                       "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"}
 
 
 def test_table_names_every_contestant_and_ratio(cli_result):
     table = format_table(cli_result)
-    for row in ("vqgen (KV cache)", "vqgen no cache", "vqgen on prefix", "HF generate()", "vs_hf", "vs_no_cache"):
+    for row in ("vqgen (KV cache)", "vqgen int8", "vqgen no cache", "vqgen on prefix", "HF generate()", "vs_hf",
+                "vs_no_cache", "int8_vs_hf", f"kernels {torch.backends.cpu.get_cpu_capability()}"):
         assert row in table
     assert "1 threads" in table and "4 streams" in table
 
@@ -86,6 +104,9 @@ def test_prefix_model_shares_weights_and_rotary_positions():
         (dict(size="Q"), "--size 'Q' is not a model size"),
         (dict(batch=0), "--batch must be >= 1, got 0"),
         (dict(cfg=0.5), "--cfg 0.5 must be >= 1 (1 = no guidance)"),
+        (dict(quantize="int4"), "--quantize: quantize mode 'int4' is not supported"),
+        (dict(quantize="int8-dynamic", device="cuda"), "--quantize: quantize mode 'int8-dynamic' runs on CPU only"),
+        (dict(speculative=0), "--speculative 0 must be a window of >= 1 draft codes"),
     ],
 )
 def test_bad_settings_name_the_option(changes, message):
@@ -105,3 +126,55 @@ def test_no_guidance_runs_one_stream_per_image():
     r = run_sampling_bench(BenchSpec(dim=32, depth=1, heads=2, tokens=4, batch=3, cfg=1.0, repeats=1, warmup=0, threads=1))
     assert r["streams"] == 3
     assert {name: e["tokens"] for name, e in r["results"].items()} == {"vqgen": 4, "no_cache": 4, "hf": 4}
+
+
+def test_contestants_run_interleaved_in_rotating_order():
+    calls = []
+
+    def contestant(name: str) -> Contestant:
+        return Contestant(name, lambda: calls.append(name) or torch.zeros(2, 9), lambda codes: codes.shape[1])
+
+    spec = BenchSpec(repeats=3, warmup=1, threads=1).resolve()
+    results = interleaved([contestant("vqgen"), contestant("vqgen_int8"), contestant("hf")], spec)
+    rounds = [calls[i : i + 3] for i in range(0, 12, 3)]
+    assert rounds == [["vqgen", "vqgen_int8", "hf"], ["vqgen_int8", "hf", "vqgen"], ["hf", "vqgen", "vqgen_int8"],
+                      ["vqgen", "vqgen_int8", "hf"]]  # warm-up round, then each contestant starts a round in turn
+    assert all(len(r["runs"]) == 3 and r["tokens"] == 9 for r in results.values())
+
+
+def test_hf_guided_draw_gives_both_rows_of_an_image_one_code_from_the_guided_distribution():
+    V = 10
+    cond, uncond = torch.zeros(2, V), torch.zeros(2, V)
+    cond[0, 3], uncond[0, 3] = 8.0, 4.0  # image 0: guidance sharpens code 3: 4 + 1.5 * 4 = 10
+    cond[1, 7] = 2.0  # image 1: code 7 at 0 + 1.5 * 2 = 3 among nine codes at 0
+    scores = torch.cat([cond, uncond])  # conditional rows, then null-caption rows
+    torch.manual_seed(0)
+    out = torch.stack([GuidedDraw(1.5)(torch.zeros(4, 1, dtype=torch.long), scores) for _ in range(400)])  # [400, 4, V]
+    assert ((out == 0).sum(-1) == 1).all() and ((out == -torch.inf).sum(-1) == V - 1).all()  # one code per row
+    codes = out.argmax(-1)  # [400, 4]: what generate(do_sample=False) picks
+    assert torch.equal(codes[:, :2], codes[:, 2:])  # both streams of an image get the same code
+    # frequencies follow softmax of the guided logits: code 3 has p = 0.9996, code 7 p = e^3 / (e^3 + 9) = 0.69
+    # (conditional logits alone would give code 7 p = 0.45); 400 draws: standard error 0.023
+    assert (codes[:, 0] == 3).float().mean() > 0.99
+    assert 0.62 < (codes[:, 1] == 7).float().mean() < 0.76
+
+
+def test_speculative_contestant_passes_the_window_to_generate(monkeypatch):
+    windows = []
+
+    def generate_with_window(*args, speculative: int | None = None, **kwargs):
+        windows.append(speculative)
+        return bench_generate(*args, **kwargs)
+
+    bench_generate = bench.generate
+    monkeypatch.setattr(bench, "generate", generate_with_window)
+    r = run_sampling_bench(BenchSpec(dim=32, depth=1, heads=2, tokens=4, batch=1, speculative=3, repeats=1, warmup=0, threads=1))
+    assert r["speculative"] == 3 and r["results"]["vqgen_spec"]["tokens"] == 4
+    assert r["ratios"]["spec_vs_hf"] == pytest.approx(r["results"]["hf"]["seconds"] / r["results"]["vqgen_spec"]["seconds"])
+    assert 3 in windows  # the speculative run got its window; the others ran plain (None)
+
+
+def test_speculative_needs_a_generate_that_takes_it(monkeypatch):
+    monkeypatch.setattr(bench, "generate", lambda model, text, text_mask, **options: None)
+    with pytest.raises(ValueError, match=r"--speculative needs vqgen.sampling.generate\(\.\.\., speculative=W\)"):
+        BenchSpec(tokens=16, speculative=4).resolve()

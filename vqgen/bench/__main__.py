@@ -1,7 +1,8 @@
 """Benchmarks: ``python -m vqgen.bench <command> ...``.
 
     python -m vqgen.bench sampling --size tiny --batch 8 --tokens 256 --cfg 1.5 --dtype fp32 --json tiny.json
-        times the cached sampler, the full-recompute baseline and HF ``generate()`` on a GPT-2 twin
+        times the cached sampler, the full-recompute baseline and HF ``generate()`` on a GPT-2 twin,
+        interleaved; ``--quantize int8`` and ``--speculative W`` add contestants
     python -m vqgen.bench speculative --checkpoint runs/demo/transformer --json spec.json
         speculative against plain decoding on a trained model: forwards, wall clock, adherence
 
@@ -20,6 +21,7 @@ from vqgen.bench import speculative
 from vqgen.bench.sampling import DTYPES, FULL_RECOMPUTE_PREFIX, BenchSpec, format_table, run_sampling_bench
 from vqgen.checkpoint import atomic_write_text
 from vqgen.model import SIZES
+from vqgen.sampling.quantize import MODES as QUANTIZE_MODES
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +42,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"raster prefix for the full-recompute baseline (default: all tokens at tiny, {FULL_RECOMPUTE_PREFIX} above)",
     )
     parser.add_argument("--compile", action="store_true", help="also time vqgen with a torch.compile'd decode step")
+    parser.add_argument(
+        "--quantize", choices=list(QUANTIZE_MODES),
+        help="also time an int8 copy of the vqgen model (vqgen_int8); int8 picks the device's faster kind",
+    )
+    parser.add_argument("--speculative", type=int, metavar="W", help="also time speculative decoding with W draft codes (vqgen_spec)")
     parser.add_argument("--dim", type=int, help="override the size's width (e.g. micro models for tests)")
     parser.add_argument("--depth", type=int, help="override the size's depth")
     parser.add_argument("--heads", type=int, help="override the size's heads")
@@ -57,7 +64,7 @@ def run_sampling(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {
-    "sampling": ("cached sampler vs no cache vs HF generate()", add_sampling_arguments, run_sampling),
+    "sampling": ("cached sampler (fp32, int8, speculative) vs no cache vs HF generate()", add_sampling_arguments, run_sampling),
     "speculative": ("speculative vs plain decoding on a trained model", speculative.add_arguments, speculative.run),
 }
 

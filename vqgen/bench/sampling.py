@@ -1,7 +1,11 @@
-"""Side-by-side sampling speed: the cached vqgen sampler, vqgen without its cache, and
-Hugging Face ``generate()`` on a GPT-2 twin with cross-attention.
+"""Side-by-side sampling speed: the cached vqgen sampler (optionally compiled, int8 or
+speculative), vqgen without its cache, and Hugging Face ``generate()`` on a GPT-2 twin with
+cross-attention.
 
-All three contestants get, in one process:
+Contestants run interleaved: each round runs every contestant once, and each round starts
+one contestant later than the last, so a slow spell of a shared machine falls on all of them
+and none always runs first (or right after the most memory-hungry one). All contestants get,
+in one process:
 
 - the same weight shapes: the GPT-2 twin has vqgen's width, depth, heads and vocabulary, and
   an MLP hidden width chosen so its MLP has as many matmul weights as vqgen's SwiGLU;
@@ -11,8 +15,11 @@ All three contestants get, in one process:
 - the same text length: vqgen projects ``text_len`` text embeddings of the MiniLM width to
   its own width and prepends its null token; the twin receives ``text_len + 1`` encoder
   states generated directly at its width (GPT-2 cross-attention needs ``n_embd`` inputs);
-- the same number of generated tokens from a single start token, the same dtype, and
-  sampling from the full distribution (``top_k=0``), so neither side stops early.
+- the same number of generated tokens from a single start token, the same dtype, and the
+  same draws: per image and step one code from the full guided distribution (vqgen mixes the
+  two streams' logits and draws by inverse CDF; on the HF side the logits processor
+  ``GuidedDraw`` mixes them and draws with ``torch.multinomial``), so neither side stops
+  early and both streams of an image continue with the same code.
 
 Weights are randomly initialised: the time of a step does not depend on their values.
 """
@@ -20,6 +27,7 @@ Weights are randomly initialised: the time of a step does not depend on their va
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import platform
@@ -37,6 +45,7 @@ from torch import Tensor
 from vqgen.config import ModelConfig
 from vqgen.model import SIZES, Transformer, TransformerConfig
 from vqgen.sampling import generate
+from vqgen.sampling.quantize import quantize, resolve_mode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEXT_DIM = 384  # all-MiniLM-L6-v2's embedding width, the default text encoder
@@ -62,6 +71,8 @@ class BenchSpec:
     text_len: int = 16  # text tokens per caption (before vqgen's null token)
     no_cache_tokens: int | None = None  # prefix for the full-recompute baseline
     compile: bool = False  # torch.compile the vqgen decode step
+    quantize: str | None = None  # also time an int8 copy of the vqgen model (vqgen.sampling.quantize)
+    speculative: int | None = None  # also time generate(..., speculative=W)
     dim: int | None = None  # overrides of the size's shape (micro sizes for tests)
     depth: int | None = None
     heads: int | None = None
@@ -89,9 +100,20 @@ class BenchSpec:
                 f"between {side} and --tokens {self.tokens}"
             )
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            quantize_mode = self.quantize and resolve_mode(self.quantize, device)  # "int8" -> this device's kind
+        except ValueError as e:
+            raise ValueError(f"--quantize: {e}") from None
+        if self.speculative is not None:
+            if self.speculative < 1:
+                raise ValueError(f"--speculative {self.speculative} must be a window of >= 1 draft codes")
+            if "speculative" not in inspect.signature(generate).parameters:
+                raise ValueError("--speculative needs vqgen.sampling.generate(..., speculative=W), which this vqgen lacks")
         threads = self.threads or len(os.sched_getaffinity(0))
         vocab = self.vocab or DEFAULT_VOCAB.get(self.size, 16384)
-        return dataclasses.replace(self, no_cache_tokens=prefix, device=device, threads=threads, vocab=vocab)
+        return dataclasses.replace(
+            self, no_cache_tokens=prefix, device=device, threads=threads, vocab=vocab, quantize=quantize_mode
+        )
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -145,13 +167,40 @@ def hf_twin(cfg: TransformerConfig, max_new_tokens: int):
     return GPT2LMHeadModel(config).eval()
 
 
-def hf_generate(model, encoder_states: Tensor, encoder_mask: Tensor, tokens: int) -> Tensor:
-    """``generate()`` from a start token on each row of encoder_states [S, L, D] -> [S, 1 + tokens],
-    sampling from the full distribution with its KV cache and never stopping early."""
+class GuidedDraw:
+    """An HF logits processor that draws one code per image, as vqgen does, and hands it to
+    ``generate()`` as a point mass, which it then takes by argmax (``do_sample=False``).
+
+    Rows [0, B) are conditional and, when guided, rows [B, 2B) see the null caption. Each
+    image's code is drawn with ``torch.multinomial`` (HF's own sampler) from the guided
+    distribution ``softmax(uncond + scale * (cond - uncond))``; both rows of the image receive
+    it. Left to itself, ``generate()`` would draw once per row: twice the draws with guidance
+    (a draw over 16,384 codes costs ~1 ms on a CPU core), and each row its own code.
+    """
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        logits = scores
+        if self.scale != 1:
+            cond, uncond = scores.chunk(2)  # [B, V] each
+            logits = torch.lerp(uncond, cond, self.scale)
+        codes = torch.multinomial(logits.softmax(-1), 1)  # [B, 1]
+        codes = repeat(codes, "b 1 -> (r b) 1", r=scores.shape[0] // codes.shape[0])  # [rows, 1]
+        return torch.full_like(scores, -math.inf).scatter_(1, codes, 0.0)
+
+
+def hf_generate(model, encoder_states: Tensor, encoder_mask: Tensor, tokens: int, cfg_scale: float = 1.0) -> Tensor:
+    """``generate()`` from a start token on each row of encoder_states [S, L, D] -> [S, 1 + tokens]:
+    one code per image and step drawn from the full (guided, when ``cfg_scale`` != 1)
+    distribution by ``GuidedDraw``, with HF's KV cache, never stopping early."""
+    from transformers import LogitsProcessorList
+
     start = torch.full((encoder_states.shape[0], 1), START, device=encoder_states.device)  # [S, 1]
     return model.generate(
         input_ids=start, attention_mask=torch.ones_like(start), encoder_hidden_states=encoder_states,
-        encoder_attention_mask=encoder_mask, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+        encoder_attention_mask=encoder_mask, do_sample=False, logits_processor=LogitsProcessorList([GuidedDraw(cfg_scale)]),
         min_new_tokens=tokens, max_new_tokens=tokens, use_cache=True, eos_token_id=None, pad_token_id=PAD,
     )
 
@@ -161,21 +210,33 @@ def hf_generate(model, encoder_states: Tensor, encoder_mask: Tensor, tokens: int
 # --------------------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], Tensor], spec: BenchSpec, label: str) -> tuple[list[float], Tensor]:
-    """Run ``fn`` warmup + repeats times -> (seconds of each timed run, last output)."""
+@dataclass
+class Contestant:
+    name: str  # the key in the results
+    run: Callable[[], Tensor]  # one generation -> codes [B, ...] or HF ids [S, 1 + tokens]
+    tokens: Callable[[Tensor], int]  # image tokens per image in that output
+
+
+def interleaved(contestants: list[Contestant], spec: BenchSpec) -> dict[str, dict[str, Any]]:
+    """Run ``warmup + repeats`` rounds; round r runs every contestant once, starting from
+    contestant r mod n, so each contestant takes every place in the order in turn.
+    -> per contestant, ``entry`` of its timed runs (tokens counted in its last output)."""
     sync = torch.cuda.synchronize if spec.device.startswith("cuda") else (lambda: None)
-    seconds = []
-    for i in range(spec.warmup + spec.repeats):
-        sync()
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        elapsed = time.perf_counter() - start
-        if i >= spec.warmup:
-            seconds.append(elapsed)
-        kind = "warm-up" if i < spec.warmup else f"run {i - spec.warmup + 1}/{spec.repeats}"
-        print(f"  {label}: {kind} {elapsed:.2f} s", file=sys.stderr, flush=True)
-    return seconds, out
+    seconds: dict[str, list[float]] = {c.name: [] for c in contestants}
+    tokens: dict[str, int] = {}
+    for r in range(spec.warmup + spec.repeats):
+        for c in contestants[r % len(contestants) :] + contestants[: r % len(contestants)]:
+            sync()
+            start = time.perf_counter()
+            out = c.run()
+            sync()
+            elapsed = time.perf_counter() - start
+            tokens[c.name] = c.tokens(out)
+            if r >= spec.warmup:
+                seconds[c.name].append(elapsed)
+            kind = "warm-up" if r < spec.warmup else f"run {r - spec.warmup + 1}/{spec.repeats}"
+            print(f"  {NAMES[c.name]}: {kind} {elapsed:.2f} s", file=sys.stderr, flush=True)
+    return {c.name: entry(seconds[c.name], spec.batch, tokens[c.name]) for c in contestants}
 
 
 def entry(runs: list[float], batch: int, tokens: int) -> dict[str, Any]:
@@ -188,15 +249,33 @@ def entry(runs: list[float], batch: int, tokens: int) -> dict[str, Any]:
     }
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name (with family/model numbers, which tell e.g. Zen 3 from Zen 4), the
+    instruction set PyTorch's kernels dispatch to, and the flags that decide int8/bf16 speed."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return models[0] if models else platform.processor() or "cpu"
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return platform.processor() or "cpu"
+        pass
+    flags = set(fields.get("flags", "").split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+    return {
+        "model": fields.get("model name") or platform.processor() or platform.machine(),
+        "family": fields.get("cpu family"),
+        "model_number": fields.get("model"),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": [f for f in wanted if f in flags],
+        "cores": len(os.sched_getaffinity(0)),
+    }
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_info()["model"]
 
 
 # --------------------------------------------------------------------------------------
@@ -205,7 +284,7 @@ def device_name(device: str) -> str:
 
 
 def run_sampling_bench(spec: BenchSpec) -> dict[str, Any]:
-    """Time the three contestants for ``spec`` -> the JSON-ready result (see ``docs/benchmarks.md``)."""
+    """Time the contestants for ``spec`` -> the JSON-ready result (see ``docs/benchmarks.md``)."""
     spec = spec.resolve()
     threads = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
@@ -226,30 +305,33 @@ def _run(spec: BenchSpec) -> dict[str, Any]:
     text = torch.randn(B, spec.text_len, TEXT_DIM, generator=g).to(device, dtype)  # [B, L, d_text]
     text_mask = torch.ones(B, spec.text_len, dtype=torch.bool, device=device)  # [B, L]
 
-    def vqgen_run(m: Transformer, use_cache: bool, compile: bool = False) -> Callable[[], Tensor]:
-        return lambda: generate(m, text, text_mask, cfg_scale=spec.cfg, seeds=spec.seed, use_cache=use_cache, compile=compile)
+    def vqgen_run(m: Transformer, **options) -> Callable[[], Tensor]:
+        return lambda: generate(m, text, text_mask, cfg_scale=spec.cfg, seeds=spec.seed, **options)
+
+    def image_tokens(codes: Tensor) -> int:
+        return codes[0].numel()
 
     print(f"vqgen {spec.size}: {model.num_params():,} parameters, {spec.streams} streams", file=sys.stderr)
-    results: dict[str, dict[str, Any]] = {}
-    runs, codes = timed(vqgen_run(model, True), spec, "vqgen")
-    results["vqgen"] = entry(runs, B, codes[0].numel())
+    contestants = [Contestant("vqgen", vqgen_run(model), image_tokens)]
     if spec.compile:
-        runs, codes = timed(vqgen_run(model, True, compile=True), spec, "vqgen compiled")
-        results["vqgen_compiled"] = entry(runs, B, codes[0].numel())
+        contestants.append(Contestant("vqgen_compiled", vqgen_run(model, compile=True), image_tokens))
+    if spec.quantize:
+        contestants.append(Contestant("vqgen_int8", vqgen_run(quantize(model, spec.quantize)), image_tokens))
+        notes.append(f"vqgen_int8: every linear layer of the vqgen model quantized with mode {spec.quantize!r}")
+    if spec.speculative:
+        contestants.append(Contestant("vqgen_spec", vqgen_run(model, speculative=spec.speculative), image_tokens))
+        notes.append(f"vqgen_spec: speculative decoding with a window of {spec.speculative} draft codes")
 
     prefix_grid = (spec.no_cache_tokens // cfg.grid[1], cfg.grid[1])
     prefix_model = model if prefix_grid == cfg.grid else on_grid(model, prefix_grid)
-    runs, codes = timed(vqgen_run(prefix_model, False), spec, "vqgen no cache")
-    results["no_cache"] = entry(runs, B, codes[0].numel())
+    contestants.append(Contestant("no_cache", vqgen_run(prefix_model, use_cache=False), image_tokens))
     if prefix_model is not model:
-        runs, codes = timed(vqgen_run(prefix_model, True), spec, "vqgen on the no-cache prefix")
-        results["vqgen_prefix"] = entry(runs, B, codes[0].numel())
+        contestants.append(Contestant("vqgen_prefix", vqgen_run(prefix_model), image_tokens))
         notes.append(
             f"full recompute is quadratic in length: no_cache ran the first {spec.no_cache_tokens} tokens "
             f"(a {prefix_grid[0]}x{prefix_grid[1]} raster prefix) and vs_no_cache compares it with the cached "
             f"sampler on the same prefix (vqgen_prefix)"
         )
-    del prefix_model
 
     hf = hf_twin(cfg, spec.tokens).to(device, dtype)
     print(f"HF GPT-2 twin: {hf.num_parameters():,} parameters", file=sys.stderr)
@@ -257,22 +339,34 @@ def _run(spec: BenchSpec) -> dict[str, Any]:
     encoder_states = torch.randn(B, S, cfg.dim, generator=g).to(device, dtype)  # [B, S, D]
     encoder_mask = torch.ones(spec.streams, S, dtype=torch.long, device=device)  # [streams, S]
     encoder_mask[B:, 1:] = 0  # guided rows: the null position only, like vqgen's dropped caption
-    encoder_states = repeat(encoder_states, "b s d -> (r b) s d", r=spec.streams // B)  # [streams, S, D]
-    runs, out = timed(lambda: hf_generate(hf, encoder_states, encoder_mask, spec.tokens), spec, "HF generate")
-    results["hf"] = entry(runs, B, out.shape[1] - 1)
+    # contiguous: at batch 1 the repeat is a stride-0 view, which GPT-2's Conv1D cannot .view()
+    encoder_states = repeat(encoder_states, "b s d -> (r b) s d", r=spec.streams // B).contiguous()  # [streams, S, D]
+    contestants.append(Contestant(
+        "hf", lambda: hf_generate(hf, encoder_states, encoder_mask, spec.tokens, spec.cfg), lambda ids: ids.shape[1] - 1
+    ))
 
-    vqgen_s = results["vqgen"]["seconds"]
+    results = interleaved(contestants, spec)
+
+    hf_s = results["hf"]["seconds"]
     baseline_cached = results.get("vqgen_prefix", results["vqgen"])["seconds"]
-    ratios = {"vs_hf": results["hf"]["seconds"] / vqgen_s, "vs_no_cache": results["no_cache"]["seconds"] / baseline_cached}
-    if spec.compile:
-        ratios["compiled_vs_hf"] = results["hf"]["seconds"] / results["vqgen_compiled"]["seconds"]
+    ratios = {"vs_hf": hf_s / results["vqgen"]["seconds"], "vs_no_cache": results["no_cache"]["seconds"] / baseline_cached}
+    for name, ratio in (("vqgen_compiled", "compiled_vs_hf"), ("vqgen_int8", "int8_vs_hf"), ("vqgen_spec", "spec_vs_hf")):
+        if name in results:
+            ratios[ratio] = hf_s / results[name]["seconds"]
+    if "vqgen_int8" in results:
+        ratios["int8_vs_vqgen"] = results["vqgen"]["seconds"] / results["vqgen_int8"]["seconds"]
     notes.append(
         f"weights random; vocab {spec.vocab}; text: {spec.text_len} tokens of width {TEXT_DIM} projected by vqgen "
         f"(+ its null token), {S} encoder states generated at width {cfg.dim} for GPT-2; GPT-2 MLP inner width "
         f"{hf.config.n_inner} = 1.5 x SwiGLU hidden {cfg.mlp_hidden} (equal matmul weights)"
     )
+    notes.append(
+        f"contestants interleaved: {spec.warmup} warm-up and {spec.repeats} timed rounds, each round starting "
+        "one contestant later"
+    )
     return {
         "device": f"{device} ({device_name(device)})",
+        "cpu": cpu_info(),
         "dtype": spec.dtype,
         "threads": torch.get_num_threads(),
         "batch": B,
@@ -280,6 +374,8 @@ def _run(spec: BenchSpec) -> dict[str, Any]:
         "tokens": spec.tokens,
         "cfg": spec.cfg,
         "size": spec.size,
+        "quantize": spec.quantize,
+        "speculative": spec.speculative,
         "shape": {"dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "vocab": cfg.vocab_size, "mlp_hidden": cfg.mlp_hidden},
         "params": {"vqgen": model.num_params(), "hf": hf.num_parameters()},
         "torch": torch.__version__,
@@ -292,6 +388,8 @@ def _run(spec: BenchSpec) -> dict[str, Any]:
 NAMES = {
     "vqgen": "vqgen (KV cache)",
     "vqgen_compiled": "vqgen compiled",
+    "vqgen_int8": "vqgen int8",
+    "vqgen_spec": "vqgen speculative",
     "vqgen_prefix": "vqgen on prefix",
     "no_cache": "vqgen no cache",
     "hf": "HF generate()",
@@ -300,16 +398,18 @@ NAMES = {
 
 def format_table(result: dict[str, Any]) -> str:
     """The human-readable summary printed on stdout."""
-    shape = result["shape"]
+    shape, cpu = result["shape"], result["cpu"]
     lines = [
         f"sampling benchmark: size {result['size']} (dim {shape['dim']}, depth {shape['depth']}, heads {shape['heads']}, "
         f"vocab {shape['vocab']}), {result['tokens']} tokens/image, batch {result['batch']}, cfg {result['cfg']} "
         f"({result['streams']} streams), {result['dtype']}, {result['device']}, {result['threads']} threads, torch {result['torch']}",
+        f"cpu: {cpu['model']} (family {cpu['family']} model {cpu['model_number']}), {cpu['cores']} cores, "
+        f"kernels {cpu['capability']}, flags {' '.join(cpu['flags']) or 'none of note'}",
         f"{'contestant':<18} {'tokens':>6} {'image tokens/s':>15} {'s/image':>9}",
     ]
     for key, r in result["results"].items():
         lines.append(f"{NAMES[key]:<18} {r['tokens']:>6} {r['tokens_per_s']:>15.1f} {r['s_per_image']:>9.3f}")
-    lines.append("ratios (how many times faster the cached vqgen sampler is): "
+    lines.append("ratios (how many times faster; vs_hf: vqgen over HF, int8_vs_hf: vqgen int8 over HF, ...): "
                  + ", ".join(f"{k} {v:.2f}x" for k, v in result["ratios"].items()))
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from vqgen.checkpoint import CheckpointError, load_config_json
 from vqgen.config import SamplingConfig
 from vqgen.model import Transformer
 from vqgen.sampling.generate import SCHEDULES, generate
+from vqgen.sampling.quantize import quantize as quantize_model
 
 # the sampling settings a checkpoint records and every call may override
 SETTINGS = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "num_images", "seed")
@@ -104,10 +105,12 @@ class Pipeline:
     @classmethod
     def from_pretrained(
         cls, transformer_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str | torch.device = "cpu",
+        quantize: str | None = None,
     ) -> Pipeline:
         """Load a transformer checkpoint with its tokenizer (``tokenizer_dir`` overrides the one
         recorded at training time), its text encoder and its sampling settings; checks that
-        the three models fit together.
+        the three models fit together. ``quantize`` (``int8``, ``int8-dynamic``, ``int8-weight``)
+        swaps the transformer for a sampling-only int8 copy (:func:`vqgen.sampling.quantize.quantize`).
 
         The weights are the export's ``model.safetensors``: the EMA weights when the run
         trained with ``ema_decay > 0`` (the training loop exports those), the raw ones otherwise.
@@ -128,6 +131,8 @@ class Pipeline:
         transformer = Transformer.from_pretrained(transformer_dir, device=device).eval()
         tokenizer = VQTokenizer.from_pretrained(tokenizer_dir, device=device).eval()
         transformer.check_compatible(tokenizer.codebook_size, tokenizer.grid)
+        if quantize:
+            transformer = quantize_model(transformer, quantize)
         encoder = TextEncoder(transformer.cfg.text_encoder, max_length=transformer.cfg.max_text_len, device=device)
         if encoder.dim != transformer.cfg.text_dim:
             raise CheckpointError(
