@@ -179,18 +179,19 @@ def _checked(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torc
     return real.double().cpu(), fake.double().cpu()
 
 
-def _torchmetrics_image() -> Any:
+def _torchmetrics_class(module: str, name: str) -> Any:
+    """A class of ``torchmetrics.image.<module>`` (imported from its module: without torch-fidelity,
+    ``torchmetrics.image`` itself does not export the Inception metrics)."""
     try:
-        import torchmetrics.image
+        return getattr(importlib.import_module(f"torchmetrics.image.{module}"), name)
     except ImportError as e:
         raise MetricsError(f"FID and KID need torchmetrics ({e}); `pip install 'vqgen[metrics]'`") from e
-    return torchmetrics.image
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FID between two feature sets, real [N, 2048] and fake [M, 2048] (``inception_features``)."""
     real, fake = _checked(real, fake)
-    fid = _torchmetrics_image().FrechetInceptionDistance(feature=_Given())
+    fid = _torchmetrics_class("fid", "FrechetInceptionDistance")(feature=_Given())
     fid.update(real, real=True)
     fid.update(fake, real=False)
     return float(fid.compute())
@@ -205,7 +206,9 @@ def kernel_distance(
     size = min(subset_size, len(real), len(fake))
     with warnings.catch_warnings():  # its warning that it keeps every feature: these already are in memory
         warnings.simplefilter("ignore", UserWarning)
-        kid = _torchmetrics_image().KernelInceptionDistance(feature=_Given(), subsets=subsets, subset_size=size)
+        kid = _torchmetrics_class("kid", "KernelInceptionDistance")(
+            feature=_Given(), subsets=subsets, subset_size=size
+        )
     kid.update(real, real=True)
     kid.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):  # torchmetrics draws the subsets from the global generator
