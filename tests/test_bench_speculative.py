@@ -10,6 +10,8 @@ import torch
 from vqgen.bench.__main__ import main
 from vqgen.config import load_config
 
+SHAPES = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # the CPU demo
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
@@ -17,7 +19,7 @@ def checkpoint(tmp_path_factory) -> Path:
     from vqgen.tokenizer import VQTokenizer
 
     run = tmp_path_factory.mktemp("run")
-    cfg = load_config(None, ["model.dim=32", "model.depth=1", "model.heads=2"])
+    cfg = load_config(SHAPES, ["model.dim=32", "model.depth=1", "model.heads=2"])
     torch.manual_seed(0)
     tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
     tokenizer.save_pretrained(run / "tokenizer")

@@ -3,14 +3,18 @@
 import pytest
 import torch
 
+from pathlib import Path
+
 from vqgen.config import load_config
 from vqgen.data.shapes import parse_holdout
+
+SHAPES = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # the CPU demo
 
 
 def test_the_tokenizer_trains_on_the_held_out_combinations_too():
     from vqgen.train.tokenizer import FreshShapes
 
-    cfg = load_config(None, ["data.holdout=[green triangle]", "data.resolution=24"])
+    cfg = load_config(SHAPES, ["data.holdout=[green triangle]"])
     spec = parse_holdout("green triangle")
     batches = FreshShapes(cfg, batch_size=16)
     held_out = sum(spec.matches(o) for step in range(8) for s in batches(step, 0, 1)["scene"] for o in s)
@@ -22,7 +26,7 @@ def test_heldout_limit_scores_the_tokenizer_on_held_out_scenes_and_names_the_lim
     import vqgen.eval.tokenizer as tokenizer_eval
     from vqgen.train.demo import heldout_limit
 
-    cfg = load_config(None, ["data.holdout=[green triangle]", "data.resolution=24"])
+    cfg = load_config(SHAPES, ["data.holdout=[green triangle]"])
     spec = parse_holdout("green triangle")
     seen = []
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -6,6 +8,8 @@ from vqgen.config import ModelConfig
 from vqgen.model import Transformer, TransformerConfig
 from vqgen.sampling import generate
 from vqgen.sampling.quantize import DynamicInt8Linear, WeightInt8Linear, int8_per_channel, quantize, resolve_mode
+
+SHAPES = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # the CPU demo
 
 V, GRID, TEXT_DIM = 64, (4, 4), 16
 MODES = ["int8-dynamic", "int8-weight"]
@@ -118,7 +122,7 @@ def test_pipeline_loads_a_checkpoint_quantized(tmp_path):
     from vqgen.sampling.pipeline import Pipeline
     from vqgen.tokenizer import VQTokenizer
 
-    cfg = load_config(None, ["model.dim=64", "model.depth=1", "model.heads=2"])
+    cfg = load_config(SHAPES, ["model.dim=64", "model.depth=1", "model.heads=2"])
     torch.manual_seed(0)
     tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
     tokenizer.save_pretrained(tmp_path / "tokenizer")

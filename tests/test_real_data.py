@@ -176,7 +176,7 @@ def test_encode_drops_unreadable_images_and_records_the_counts(tmp_path):
     root = make_folder(tmp_path / "images", 6, size=16)
     (root / "003.png").write_bytes(b"not an image")
     torch.manual_seed(0)
-    VQTokenizer(TokenizerConfig(channels=8, channel_mult=[1, 1, 2]), 16).save_pretrained(tmp_path / "tok")
+    VQTokenizer(TokenizerConfig(encoder="patch", downsample=4, channels=8, channel_mult=[1, 1, 2], quantizer="fsq", latent_dim=4), 16).save_pretrained(tmp_path / "tok")
     cfg = DataConfig(kind="folder", path=str(root), resolution=16)
     with pytest.warns(SkippedSampleWarning):
         stats = encode_dataset(tmp_path / "tok", cfg, tmp_path / "codes", shard_size=4, batch_size=3)

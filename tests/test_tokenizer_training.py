@@ -211,11 +211,11 @@ def test_discriminator_has_its_own_optimizer_state_and_resumes_exactly(tmp_path,
     overrides = [*TINY_SHAPES, "tokenizer.gan_weight=0.5", "tokenizer.gan_start_step=0", "tokenizer.disc_lr=1e-3",
                  "tokenizer.disc_betas=[0.5, 0.9]", "tokenizer.disc_grad_clip=0.5", "training.tokenizer.grad_clip=1.0",
                  "training.tokenizer.steps=4"]
-    cfg = load_config(None, overrides)
+    cfg = load_config(SHAPES, overrides)
     straight = train_tokenizer(cfg, tmp_path / "straight", eval_num=0)
     with sigterm_at(tt.FreshShapes, 1), pytest.raises(KeyboardInterrupt, match="stopped at step 2"):
-        train_tokenizer(load_config(None, overrides), tmp_path / "resumed", eval_num=0)
-    resumed = train_tokenizer(load_config(None, overrides), tmp_path / "resumed", eval_num=0)
+        train_tokenizer(load_config(SHAPES, overrides), tmp_path / "resumed", eval_num=0)
+    resumed = train_tokenizer(load_config(SHAPES, overrides), tmp_path / "resumed", eval_num=0)
     assert resumed["grad_norm_discriminator"] == straight["grad_norm_discriminator"]
 
     ckpt_a, ckpt_b = latest_checkpoint(tmp_path / "straight"), latest_checkpoint(tmp_path / "resumed")
