@@ -147,7 +147,8 @@ def test_tokenizer_rfid_is_fid_of_reconstructions(inception):
     from vqgen.tokenizer import VQTokenizer
 
     torch.manual_seed(0)
-    tokenizer = VQTokenizer(TokenizerConfig(channels=8, channel_mult=[1, 1, 2]), 32).eval()
+    tok_cfg = TokenizerConfig(encoder="patch", downsample=4, channels=8, channel_mult=[1, 1, 2], quantizer="fsq", latent_dim=4)
+    tokenizer = VQTokenizer(tok_cfg, 32).eval()
     dataset = ShapesDataset(num=6, seed=3, resolution=32)
     report = evaluate_tokenizer(tokenizer, dataset, batch_size=4, inception=inception)
     images = torch.stack([dataset[i]["image"] for i in range(6)])
