@@ -224,6 +224,22 @@ def test_out_dir_writes_one_png_and_one_index_line_per_image_and_resumes(run, tm
     assert sample_in_process("--checkpoint", run, "--prompts", prompts, "--out-dir", out, "--batch-size", 3, "--cfg", 1) == 2
 
 
+def test_speculative_and_int8_jobs_record_how_they_decoded(run, tmp_path):
+    """--speculative W and --quantize change the draws: a job records both and refuses to mix."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n")
+    out = tmp_path / "images"
+    args = ("--checkpoint", run, "--prompts", prompts, "--out-dir", out, "--batch-size", 4)
+    assert sample_in_process(*args, "--speculative", 3, "--quantize", "int8") == 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["speculative"] == 3 and job["weights"] == "raw, int8-dynamic"
+    index = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 4 and {x["weights"] for x in index} == {"raw, int8-dynamic"}
+    assert sample_in_process(*args, "--quantize", "int8") == 2  # plain decoding into a speculative job's folder
+    with pytest.raises(SystemExit):
+        sample_in_process(*args, "--speculative", -1)
+
+
 def test_jsonl_prompts_carry_their_own_seeds_and_settings(run, pipe, tmp_path):
     from vqgen.sampling.pipeline import image_seed
 

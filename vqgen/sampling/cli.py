@@ -28,6 +28,7 @@ from pathlib import Path
 
 from vqgen.checkpoint import CheckpointError, atomic_write_text
 from vqgen.sampling.pipeline import check_setting
+from vqgen.sampling.quantize import MODES
 
 # flag -> sampling setting it overrides
 FLAGS = {"num": "num_images", "cfg": "cfg_scale", "cfg_schedule": "cfg_schedule", "temperature": "temperature",
@@ -58,6 +59,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -97,6 +105,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32,
                    help="images sampled and decoded at once (default 32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--speculative", type=_nonnegative_int, default=0, metavar="W",
+                   help="speculative Jacobi decoding with windows of W codes, exact in distribution "
+                        "(another W draws other images from the same distribution; 0 = off)")
+    p.add_argument("--quantize", choices=MODES, help="sample with int8 linear layers (see vqgen.sampling.quantize)")
     p.add_argument("--out", type=Path, help="captioned grid PNG")
     p.add_argument("--out-dir", type=Path, help="one PNG per image + index.jsonl; resumable")
     return p
@@ -132,13 +144,16 @@ def main(argv: list[str] | None = None) -> int:
             prompts = read_prompt_file(args.prompts)
         else:
             prompts = [Prompt(text) for text in (args.prompt or [""])]
-        pipeline = Pipeline.from_pretrained(transformer_dir(args.checkpoint), args.tokenizer, device=state.device)
+        pipeline = Pipeline.from_pretrained(transformer_dir(args.checkpoint), args.tokenizer, device=state.device,
+                                            quantize=args.quantize)
         texts = sorted({p.text for p in prompts})
         for k in range(0, len(texts), 256):  # every prompt checked (length) before any sampling, memory flat
             pipeline.encode(texts[k : k + 256])
         flagged = overrides(args)
         entries = plan(prompts, pipeline, flagged)
         runtime = {"compile": True} if args.compile else {}
+        if args.speculative:
+            runtime["speculative"] = args.speculative
         if state.is_main_process:
             print(describe(pipeline, pipeline.settings(**flagged), flagged))
             own = sum(bool(p.settings or p.seed is not None) for p in prompts)

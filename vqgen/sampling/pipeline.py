@@ -37,7 +37,7 @@ from vqgen.checkpoint import CheckpointError, load_config_json
 from vqgen.config import SamplingConfig
 from vqgen.model import Transformer
 from vqgen.sampling.generate import SCHEDULES, generate
-from vqgen.sampling.quantize import quantize as quantize_model
+from vqgen.sampling.quantize import quantize as quantize_model, resolve_mode
 
 # the sampling settings a checkpoint records and every call may override
 SETTINGS = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "num_images", "seed")
@@ -141,6 +141,8 @@ class Pipeline:
             )
         decay = (((config.get("run") or {}).get("training") or {}).get("transformer") or {}).get("ema_decay", 0.0)
         weights = f"ema (decay {decay})" if decay else "raw"
+        if quantize:
+            weights += f", {resolve_mode(quantize, device)}"  # quantized images differ slightly: say so
         return cls(transformer, tokenizer, encoder, defaults, str(transformer_dir.resolve()), weights)
 
     @property
