@@ -188,13 +188,15 @@ def test_param_groups_exclude_norms_biases_and_embeddings():
 def test_save_load_round_trip(tmp_path):
     model = small_model(kv_heads=2)
     codes, text, mask = batch()
-    ema = {k: v + 1 for k, v in model.state_dict().items()}
-    model.save_pretrained(tmp_path / "ckpt", extra_config={"run": {"name": "x"}}, ema_state=ema)
+    model.save_pretrained(tmp_path / "ckpt", extra_config={"run": {"name": "x"}})
     loaded = Transformer.from_pretrained(tmp_path / "ckpt").eval()
     assert loaded.cfg == model.cfg
     torch.testing.assert_close(loaded(codes, text, mask), model(codes, text, mask), rtol=0, atol=0)
-    loaded_ema = Transformer.from_pretrained(tmp_path / "ckpt", ema=True)
-    torch.testing.assert_close(loaded_ema.head.weight, model.head.weight + 1)
+    # an export writes the weights it is given (the EMA's, gathered full weights) in place of the module's
+    shifted = {k: v + 1 for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "export", state=shifted)
+    torch.testing.assert_close(Transformer.from_pretrained(tmp_path / "export").head.weight, model.head.weight + 1)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_mismatched_checkpoints_and_tokenizers_fail_clearly(tmp_path):

@@ -1,4 +1,4 @@
-"""Checkpoint directories: ``config.json`` + ``model.safetensors`` (+ ``ema.safetensors``).
+"""Checkpoint directories: ``config.json`` + ``model.safetensors``.
 
 Every file is written to a temporary name and renamed into place, so a crash mid-write
 never leaves a half-written checkpoint behind. Loading never unpickles anything: weights are
@@ -79,17 +79,15 @@ def save_pretrained(
     kind: str,
     config: dict[str, Any],
     state: dict[str, torch.Tensor],
-    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``directory/{config.json, model.safetensors[, ema.safetensors]}``.
+    """Write ``directory/{config.json, model.safetensors}`` (a training run exports its EMA
+    weights as ``model.safetensors`` when it keeps them).
 
     ``kind`` ("tokenizer", "transformer") is stored in the config so that loading a
     checkpoint of the wrong kind fails with a clear message instead of a key mismatch.
     """
     directory = Path(directory)
     save_weights(directory / "model.safetensors", state, {"kind": kind})
-    if ema_state is not None:
-        save_weights(directory / "ema.safetensors", ema_state, {"kind": kind})
     # the config goes last: its presence marks a complete checkpoint
     atomic_write_text(directory / "config.json", json.dumps({"kind": kind, **config}, indent=2) + "\n")
     return directory

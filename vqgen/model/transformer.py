@@ -495,10 +495,9 @@ class Transformer(nn.Module):
         self,
         directory: str | Path,
         extra_config: dict[str, Any] | None = None,
-        ema_state: dict[str, Tensor] | None = None,
         state: dict[str, Tensor] | None = None,
     ) -> Path:
-        """``directory/{config.json, model.safetensors[, ema.safetensors]}``; ``extra_config``
+        """``directory/{config.json, model.safetensors}``; ``extra_config``
         (e.g. the run's full config) is stored beside the model's own ``transformer`` entry.
         ``state`` is written as the weights (default: ``self.state_dict()``; the full weights
         gathered from a sharded run)."""
@@ -506,17 +505,18 @@ class Transformer(nn.Module):
         if "transformer" in extra:
             raise ValueError("extra_config must not have a 'transformer' key: it holds the model's own config")
         weights = self.state_dict() if state is None else state
-        return save_pretrained(directory, "transformer", {"transformer": self.cfg.to_dict(), **extra}, weights, ema_state)
+        return save_pretrained(directory, "transformer", {"transformer": self.cfg.to_dict(), **extra}, weights)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, ema: bool = False, device: str | torch.device = "cpu") -> Transformer:
-        """Rebuild from ``config.json`` and load ``model.safetensors`` (or ``ema.safetensors``)."""
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Transformer:
+        """Rebuild from ``config.json`` and load ``model.safetensors`` (the EMA weights when the
+        run kept an EMA: the training loop exports those)."""
         directory = Path(directory)
         config = load_config_json(directory, "transformer")
         if "transformer" not in config:
             raise ConfigError(f"{directory / 'config.json'} has no 'transformer' entry; it was not written by Transformer.save_pretrained")
         cfg = TransformerConfig.from_dict(config["transformer"], source=str(directory / "config.json"))
         model = cls(cfg)
-        path = directory / ("ema.safetensors" if ema else "model.safetensors")
+        path = directory / "model.safetensors"
         load_state_into(model, load_weights(path), path)
         return model.to(device)
