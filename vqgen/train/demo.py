@@ -29,9 +29,13 @@ import contextlib
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vqgen.checkpoint import atomic_write_text
 from vqgen.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from vqgen.data.shapes import ShapesDataset
 
 DEMO_CONFIG = Path("configs") / "shapes.yaml"  # the demo's CPU settings, in the repository
 EVAL_SEED = 10_000  # scenes for evaluation prompts come from a seed training never uses
@@ -52,17 +56,26 @@ def demo_config_path() -> Path:
     )
 
 
-def evaluation_prompts(cfg: Config, training_captions: set[str], num: int = EVAL_PROMPTS) -> dict[str, list[str]]:
-    """Fresh prompts per set (``single``, ``two``, ``heldout``), none of them a training caption."""
+def evaluation_scenes(cfg: Config, seed: int = EVAL_SEED, num: int = 10**9) -> dict[str, ShapesDataset]:
+    """The scene sampler of each evaluation set: ``single`` and ``two`` objects from the training
+    split, ``heldout`` (with ``data.holdout``) the config's object counts, each scene holding a
+    held-out combination; set k draws from seed ``seed + k``."""
     from vqgen.data.shapes import ShapesDataset
 
     sets = {"single": (1, 1, "train"), "two": (2, 2, "train")}
     if cfg.data.holdout:
         sets["heldout"] = (cfg.data.min_objects, cfg.data.max_objects, "holdout")
+    return {
+        name: ShapesDataset(num=num, seed=seed + offset, resolution=cfg.data.resolution, min_objects=lo,
+                            max_objects=hi, holdout=cfg.data.holdout, split=split)
+        for offset, (name, (lo, hi, split)) in enumerate(sets.items())
+    }
+
+
+def evaluation_prompts(cfg: Config, training_captions: set[str], num: int = EVAL_PROMPTS) -> dict[str, list[str]]:
+    """Fresh prompts per set (``single``, ``two``, ``heldout``), none of them a training caption."""
     prompts: dict[str, list[str]] = {}
-    for offset, (name, (lo, hi, split)) in enumerate(sets.items()):
-        data = ShapesDataset(num=10**9, seed=EVAL_SEED + offset, resolution=cfg.data.resolution, min_objects=lo,
-                             max_objects=hi, holdout=cfg.data.holdout, split=split)
+    for name, data in evaluation_scenes(cfg).items():
         chosen: list[str] = []
         i = 0
         while len(chosen) < num:
@@ -86,13 +99,9 @@ def heldout_limit(cfg: Config, tokenizer, generator_exact: float, num: int = EVA
     """Which of the two models limits the held-out adherence figure: the tokenizer's exact
     match on reconstructions of held-out scenes (``num`` of them, from the held-out prompt
     set's seed) beside the generator's exact match on held-out prompts; the lower one is the limit."""
-    from vqgen.data.shapes import ShapesDataset
     from vqgen.eval.tokenizer import evaluate_tokenizer
 
-    offset = 2  # the held-out set's seed offset in ``evaluation_prompts``
-    scenes = ShapesDataset(num=num, seed=EVAL_SEED + offset, resolution=cfg.data.resolution,
-                           min_objects=cfg.data.min_objects, max_objects=cfg.data.max_objects,
-                           holdout=cfg.data.holdout, split="holdout")
+    scenes = evaluation_scenes(cfg, num=num)["heldout"]
     tokenizer_exact = evaluate_tokenizer(tokenizer, scenes)["exact"]
     limited_by = "tokenizer" if tokenizer_exact <= generator_exact else "generator"
     verdict = (f"heldout: generator {generator_exact:.1%} exact; the tokenizer reconstructs {tokenizer_exact:.1%} of "
