@@ -15,20 +15,23 @@ import pytest
 import torch
 from PIL import Image
 
-from vqgen.data.shapes import ShapesDataset, render_scene
+from vqgen.data.shapes import ShapesDataset, render_scene, to_tensor
 from vqgen.eval.__main__ import main as eval_main
 from vqgen.eval.clip_score import clip_scores, load_clip, read_index
 from vqgen.eval.fid import (
     FEATURE_DIM,
     INCEPTION_ENV,
     MetricsError,
+    PromptSetFeatures,
     fid_kid,
     frechet_distance,
     inception_features,
     inception_path,
     kernel_distance,
     load_inception,
+    reference_fids,
     resize_for_inception,
+    shapes_fid,
 )
 
 N = 20  # images per set
@@ -73,6 +76,71 @@ def test_fid_separates_real_renders_from_mismatched_images(features):
     kid_floor, kid_three = kernel_distance(features["a"], features["b"]), kernel_distance(features["a"], features["three"])
     assert abs(kid_floor[0]) < 0.01 < kid_three[0]
     assert features["a"].shape == (N, FEATURE_DIM) and features["a"].dtype == torch.float64
+
+
+def mean_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """FID's mean term alone: a fast stand-in (full FIDs take seconds each) for testing which sets meet."""
+    return float((real.mean(0) - fake.mean(0)).square().sum())
+
+
+def test_reference_fids_pair_each_set_with_its_floor_and_mismatched_set(monkeypatch):
+    monkeypatch.setattr("vqgen.eval.fid.frechet_distance", mean_distance)
+    level = lambda mean: torch.full((4, FEATURE_DIM), mean, dtype=torch.float64)  # noqa: E731
+    sets = {
+        "one": PromptSetFeatures(real=level(0.0), samples=level(0.5), other=level(0.1)),
+        "two": PromptSetFeatures(real=level(2.0), samples=level(2.4), other=level(2.2)),
+    }
+    fids = reference_fids(sets, {"one": "two", "two": "one"})
+    d = FEATURE_DIM
+    assert fids["one"] == pytest.approx({"samples": 0.5**2 * d, "floor": 0.1**2 * d, "mismatched": 1.5**2 * d})
+    assert fids["two"] == pytest.approx({"samples": 0.4**2 * d, "floor": 0.2**2 * d, "mismatched": 2.4**2 * d})
+    assert fids["all"] == pytest.approx({"samples": 0.45**2 * d, "floor": 0.15**2 * d})  # pooled: means 1 / 1.45 / 1.15
+    assert all(f["floor"] < f["samples"] < f["mismatched"] for f in (fids["one"], fids["two"]))
+    with pytest.raises(MetricsError, match=r"mismatched pair 'one' -> 'one'"):
+        reference_fids(sets, {"one": "one", "two": "one"})
+    with pytest.raises(MetricsError, match=r"prompt sets two have no mismatched partner"):
+        reference_fids(sets, {"one": "two"})
+
+
+def test_shapes_fid_renders_prompts_and_other_scenes_and_features_each_image_once(inception, monkeypatch):
+    """A generator that draws each prompt's exact render: its samples are their renders' pixels."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    monkeypatch.setattr("vqgen.eval.fid.frechet_distance", lambda real, fake: calls.append((real, fake)) or 1.0)
+    featured: list[Image.Image] = []
+
+    def counting_features(images, net):
+        featured.extend(images)
+        return inception_features(list(images), net)
+
+    monkeypatch.setattr("vqgen.eval.fid.inception_features", counting_features)
+
+    def scenes(seed: int, objects: int, indices) -> list:
+        data = ShapesDataset(num=3, seed=seed, resolution=RESOLUTION, min_objects=objects, max_objects=objects)
+        return [data.scene_and_caption(i) for i in indices]
+
+    sets, real, others = {}, {}, {}
+    for name, objects in (("single", 1), ("two", 2)):
+        drawn = scenes(objects, objects, range(3))
+        pixels = torch.stack([to_tensor(render_scene(s, RESOLUTION)) for s, _ in drawn])  # [3, 3, R, R]
+        sets[name] = ([caption for _, caption in drawn], pixels)
+        real[name] = inception_features([render_scene(s, RESOLUTION) for s, _ in drawn], inception)
+        others[name] = [s for s, _ in scenes(10 + objects, objects, (0, 0, 1))]  # one scene drawn twice
+    other = {n: inception_features([render_scene(s, RESOLUTION) for s in o], inception) for n, o in others.items()}
+    fids = shapes_fid(sets, others, {"single": "two", "two": "single"}, RESOLUTION, inception)
+
+    assert len(featured) == 6 + 4  # the prompts' renders (the samples are the same pixels), the 4 other scenes
+    assert set(fids) == {"single", "two", "all"} and set(fids["all"]) == {"samples", "floor"}
+    pooled_real, pooled_other = torch.cat(list(real.values())), torch.cat(list(other.values()))
+    expected = [  # per set: samples, floor, mismatched; then pooled samples and floor
+        (real["single"], real["single"]), (real["single"], other["single"]), (real["two"], real["single"]),
+        (real["two"], real["two"]), (real["two"], other["two"]), (real["single"], real["two"]),
+        (pooled_real, pooled_real), (pooled_real, pooled_other),
+    ]
+    assert len(calls) == len(expected)
+    for (got_real, got_fake), (want_real, want_fake) in zip(calls, expected):
+        assert torch.allclose(got_real, want_real, atol=1e-4) and torch.allclose(got_fake, want_fake, atol=1e-4)
+    with pytest.raises(MetricsError, match=r"prompt set 'two': 3 prompts but 2 other scenes"):
+        shapes_fid(sets, others | {"two": others["two"][:2]}, {"single": "two", "two": "single"}, RESOLUTION, inception)
 
 
 def test_kid_subsets_follow_the_seed(features):

@@ -25,8 +25,9 @@ import importlib.util
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from PIL import Image
 from torch import nn
 
 from vqgen.checkpoint import file_digest
+
+if TYPE_CHECKING:
+    from vqgen.data.shapes import Scene
 
 INCEPTION_ENV = "VQGEN_INCEPTION"
 INCEPTION_SIZE = 299
@@ -225,28 +229,94 @@ def fid_kid(
     }
 
 
+@dataclass(frozen=True)
+class PromptSetFeatures:
+    """Inception features [N, 2048] of one prompt set, row i of ``real`` and ``samples`` for prompt i:
+    ``real`` renders of the prompts, ``samples`` a generator's images for them, and ``other``
+    renders of N further scenes drawn independently from the sampler the prompts came from."""
+
+    real: torch.Tensor
+    samples: torch.Tensor
+    other: torch.Tensor
+
+
+def reference_fids(
+    sets: Mapping[str, PromptSetFeatures], mismatched: Mapping[str, str]
+) -> dict[str, dict[str, float]]:
+    """Each set's sample FID beside the two references that say how to read it, and the same
+    pooled over the sets (``"all"``).
+
+    Per set: ``samples`` = FID(real, samples); ``floor`` = FID(real, other), what an independent
+    draw of the same scene distribution scores at this set size; ``mismatched`` =
+    FID(real of set ``mismatched[name]``, samples), what these samples score against a scene
+    distribution they were not asked for. ``"all"`` has no ``mismatched``: pooled over the sets,
+    the other sets' renders are the sets' own renders again.
+    """
+    for name, partner in mismatched.items():
+        if name not in sets or partner not in sets or partner == name:
+            raise MetricsError(
+                f"mismatched pair {name!r} -> {partner!r}: both must be prompt sets ({', '.join(sets)}) and differ"
+            )
+    missing = [name for name in sets if name not in mismatched]
+    if missing:
+        raise MetricsError(f"prompt sets {', '.join(missing)} have no mismatched partner; map each set to another one")
+    fids = {
+        name: {
+            "samples": frechet_distance(f.real, f.samples),
+            "floor": frechet_distance(f.real, f.other),
+            "mismatched": frechet_distance(sets[mismatched[name]].real, f.samples),
+        }
+        for name, f in sets.items()
+    }
+    real, samples, other = (
+        torch.cat([getattr(f, side) for f in sets.values()]) for side in ("real", "samples", "other")
+    )  # pooled, [sum N, 2048] each
+    return fids | {"all": {"samples": frechet_distance(real, samples), "floor": frechet_distance(real, other)}}
+
+
 def shapes_fid(
     sets: Mapping[str, tuple[Sequence[str], torch.Tensor]],
+    other_scenes: Mapping[str, Sequence[Scene]],
+    mismatched: Mapping[str, str],
     resolution: int,
     inception: InceptionFeatures | None = None,
-) -> dict[str, float]:
-    """FID of shapes samples against real renders of their own prompts, per set and pooled (``"all"``).
+) -> dict[str, dict[str, float]]:
+    """FID of shapes samples against real renders of their own prompts, with its floor and a
+    mismatched reference, per set and pooled (``reference_fids``).
 
     ``sets`` maps a name to (N prompts, N images [N, 3, R, R] in [-1, 1]); every prompt must be
     one the scene checker parses, so that its scene can be rendered at ``resolution``.
+    ``other_scenes[name]`` are N further scenes from the sampler of that set's prompts (for the
+    floor), and ``mismatched[name]`` names the set whose renders the samples are also held against.
+    Identical images (the same scene rendered twice, repeated samples) go through Inception once.
     """
     from vqgen.data.shapes import render_scene
     from vqgen.eval.grid import to_pil
     from vqgen.eval.scene import parse_caption
 
-    inception = inception or load_inception()
+    images: dict[str, dict[str, list[Image.Image]]] = {}
+    for name, (prompts, samples) in sets.items():
+        if len(other_scenes.get(name, ())) != len(prompts):
+            raise MetricsError(
+                f"prompt set {name!r}: {len(prompts)} prompts but {len(other_scenes.get(name, ()))} other scenes; "
+                "the floor compares sets of one size"
+            )
+        images[name] = {
+            "real": [render_scene(parse_caption(p), resolution) for p in prompts],
+            "samples": to_pil(samples),
+            "other": [render_scene(scene, resolution) for scene in other_scenes[name]],
+        }
+    unique: dict[tuple[tuple[int, int], bytes], Image.Image] = {}  # (size, pixels) -> its first image
+    for by_side in images.values():
+        for side_images in by_side.values():
+            for im in side_images:
+                unique.setdefault((im.size, im.tobytes()), im)
+    rows = {key: row for row, key in enumerate(unique)}
+    table = inception_features(unique.values(), inception or load_inception())  # [U, 2048]
     features = {
-        name: (
-            inception_features([render_scene(parse_caption(p), resolution) for p in prompts], inception),
-            inception_features(to_pil(images), inception),
-        )
-        for name, (prompts, images) in sets.items()
+        name: PromptSetFeatures(**{
+            side: table[[rows[im.size, im.tobytes()] for im in side_images]] for side, side_images in by_side.items()
+        })
+        for name, by_side in images.items()
     }
-    fid = {name: frechet_distance(real, fake) for name, (real, fake) in features.items()}
-    pooled_real, pooled_fake = (torch.cat(side) for side in zip(*features.values()))
-    return fid | {"all": frechet_distance(pooled_real, pooled_fake)}
+    return reference_fids(features, mismatched)

@@ -11,7 +11,11 @@ Stages, each timed, each resumable (run the command again after an interruption)
                    measure the tokenizer on held-out scenes too, to say which model limits
                    the held-out figure;
 4. ``fid``         FID of those samples against real renders of the same prompts, per set and
-                   pooled (skipped, with a note, without ``pip install 'vqgen[metrics]'``);
+                   pooled, beside its ``floor`` (the renders against renders of as many other
+                   scenes from the same sampler: what an independent draw of real scenes scores
+                   at this set size) and ``mismatched`` (the samples against the renders of a set
+                   with other object counts, ``MISMATCHED``: a generator drawing the wrong scenes);
+                   skipped, with a note, without ``pip install 'vqgen[metrics]'``;
 5. ``samples``     a captioned grid for a few prompts, held-out combinations included.
 
 Everything lands under the run directory: ``tokenizer/``, ``transformer/`` (both loadable by
@@ -40,6 +44,9 @@ if TYPE_CHECKING:
 DEMO_CONFIG = Path("configs") / "shapes.yaml"  # the demo's CPU settings, in the repository
 EVAL_SEED = 10_000  # scenes for evaluation prompts come from a seed training never uses
 EVAL_PROMPTS = 200  # per prompt set
+FLOOR_SEED = 20_000  # scenes of the FID floor: the evaluation sets' samplers, drawn again from another seed
+# FID's mismatched reference: each set's samples against the real renders of a set with other object counts
+MISMATCHED = {"single": "two", "two": "single", "heldout": "two"}
 
 
 def demo_config_path() -> Path:
@@ -110,6 +117,14 @@ def heldout_limit(cfg: Config, tokenizer, generator_exact: float, num: int = EVA
             "verdict": verdict}
 
 
+def fid_line(name: str, fid: dict) -> str:
+    """One printed line of the report's ``fid`` entry for a prompt set (or ``all``)."""
+    line = f"FID {name:>8}: samples {fid['samples']:.1f}, floor {fid['floor']:.1f}"
+    if "mismatched" in fid:
+        line += f", mismatched {fid['mismatched']:.1f} (against {fid['mismatched_against']} renders)"
+    return line
+
+
 @contextlib.contextmanager
 def stage(name: str, seconds: dict[str, float]):
     print(f"\n== {name} ==", flush=True)
@@ -162,14 +177,23 @@ def run_demo(cfg: Config, out: Path) -> dict:
             report["heldout"] = heldout_limit(cfg, pipeline.tokenizer, report["adherence"]["heldout"]["exact"])
             print(report["heldout"]["verdict"])
 
-    with stage("fid", seconds):  # samples against real renders of the same prompts
+    with stage("fid", seconds):  # samples against real renders of the same prompts, beside a floor and a ceiling
         from vqgen.eval.fid import MetricsError, shapes_fid
 
+        others = {
+            name: [data.scene_and_caption(i)[0] for i in range(len(generated[name][0]))]
+            for name, data in evaluation_scenes(cfg, FLOOR_SEED).items()
+        }
+        partners = {name: MISMATCHED[name] for name in generated}
         try:
-            report["fid"] = shapes_fid(generated, cfg.data.resolution)
-            print("FID vs real renders: " + ", ".join(f"{k} {v:.1f}" for k, v in report["fid"].items()))
+            report["fid"] = shapes_fid(generated, others, partners, cfg.data.resolution)
         except MetricsError as e:
             print(f"FID skipped: {e}")
+        else:
+            for name, fid in report["fid"].items():
+                if name in partners:
+                    fid["mismatched_against"] = partners[name]
+                print(fid_line(name, fid))
 
     with stage("samples", seconds):
         prompts = grid_prompts(cfg)
