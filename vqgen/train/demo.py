@@ -177,7 +177,7 @@ def run_demo(cfg: Config, out: Path) -> dict:
             report["heldout"] = heldout_limit(cfg, pipeline.tokenizer, report["adherence"]["heldout"]["exact"])
             print(report["heldout"]["verdict"])
 
-    with stage("fid", seconds):  # samples against real renders of the same prompts, beside a floor and a ceiling
+    with stage("fid", seconds):  # samples vs renders of their prompts, beside a floor and a mismatched reference
         from vqgen.eval.fid import MetricsError, shapes_fid
 
         others = {
