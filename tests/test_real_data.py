@@ -4,7 +4,11 @@ WebDataset training of both models, and the scikit-image photos."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from vqgen.data.loaders import (
 from vqgen.train.batches import FolderBatches, ShardBatches
 
 R = 8
+HERE = Path(__file__).parent
 
 
 def make_folder(root: Path, n: int, size: int = R) -> Path:
@@ -191,8 +196,9 @@ def test_encode_drops_unreadable_images_and_records_the_counts(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def write_image_shards(directory: Path, shards: int, per_shard: int, size: int = 32) -> str:
-    """Smooth colour fields with captions, as img2dataset shards; returns their brace pattern."""
+def write_image_shards(directory: Path, shards: int, per_shard: int, size: int = 32, distinct: bool = False) -> str:
+    """Smooth colour fields with captions (``colour field {i % 5}``; ``sample {i}`` if ``distinct``), as
+    img2dataset shards; returns their brace pattern."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size] / size
     directory.mkdir(parents=True)
@@ -203,7 +209,8 @@ def write_image_shards(directory: Path, shards: int, per_shard: int, size: int =
             pixels = np.stack([np.sin(2 * a[j] * xx + 2 * b[j] * yy + 6 * c[j]) for j in range(3)], -1)
             image = Image.fromarray(((pixels + 1) * 127.5).astype(np.uint8))
             members[f"{i:06d}.jpg"] = encoded(image, "JPEG")
-            members[f"{i:06d}.json"] = json.dumps({"caption": f"colour field {i % 5}"}).encode()
+            caption = f"sample {i}" if distinct else f"colour field {i % 5}"
+            members[f"{i:06d}.json"] = json.dumps({"caption": caption}).encode()
         write_tar(directory / f"{k:05d}.tar", members)
     return str(directory / f"{{00000..{shards - 1:05d}}}.tar")
 
@@ -282,6 +289,33 @@ def test_webdataset_tokenizer_resume_reads_what_a_straight_run_reads(tmp_path, s
     assert seen["resumed"] == seen["straight"][4:]  # checkpoint at step 4: steps 4 and 5 again
     straight, resumed = (load_weights(tmp_path / run / "model.safetensors") for run in ("straight", "resumed"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.slow
+def test_two_processes_read_every_training_sample_once_per_epoch(tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` (gloo on CPU), two DataLoader workers
+    each: the captions the training loop received on each process, over two epochs."""
+    from test_tokenizer_training import free_port
+
+    train = write_image_shards(tmp_path / "train", shards=4, per_shard=6, distinct=True)
+    # 24 samples = 2 processes x 4 steps x 3: steps 0-3 are one epoch, 4-7 the next (new shard order)
+    overrides = [*TINY_TOKENIZER, f"data.path={train}", "training.tokenizer.steps=8", "training.tokenizer.batch_size=3",
+                 "training.tokenizer.log_every=4"]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port())]  # fmt: skip
+    proc = subprocess.run([*launch, str(HERE / "read_shards_task.py"), str(tmp_path / "run"), *overrides],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "run" / f"read_rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["rank"], r["world"], len(r["steps"])) for r in ranks] == [(0, 2, 8), (1, 2, 8)]
+    every = sorted(f"sample {i}" for i in range(24))
+    for epoch in (range(0, 4), range(4, 8)):
+        read = [caption for r in ranks for i in epoch for caption in r["steps"][i]]
+        assert sorted(read) == every  # each sample once: none read twice, none missed
+    assert ranks[0]["steps"][4:] != ranks[0]["steps"][:4]  # the second epoch is a new order
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [4, 8] and all(math.isfinite(row["loss"]) for row in log)
 
 
 # --------------------------------------------------------------------------------------

@@ -129,6 +129,35 @@ def test_eval_cli_prints_and_writes_json(tmp_path, capsys):
     assert report["num_images"] == 8 and {"psnr", "usage", "perplexity", "exact", "background_codes"} <= report.keys()
 
 
+def test_eval_cli_measures_a_training_checkpoints_raw_or_ema_weights(tmp_path, capsys):
+    from vqgen.checkpoint import load_weights
+    from vqgen.train.tokenizer import tokenizer_from_checkpoint
+
+    cfg = load_config(SHAPES, [*TINY_SHAPES, "training.tokenizer.steps=4", "training.tokenizer.ema_decay=0.9"])
+    train_tokenizer(cfg, tmp_path, eval_num=0)
+    capsys.readouterr()  # training's own output
+    step = tmp_path / "checkpoints" / "step_00000004"
+    exported = VQTokenizer.from_pretrained(tmp_path).state_dict()
+    ema, weights = tokenizer_from_checkpoint(step)
+    assert weights == "ema" and all(torch.equal(v, exported[k]) for k, v in ema.state_dict().items())  # the export
+    raw, _ = tokenizer_from_checkpoint(step, "raw")
+    trained = load_weights(step / "model.safetensors")
+    assert all(torch.equal(v, trained[f"tokenizer.{k}"]) for k, v in raw.state_dict().items())
+    assert not all(torch.equal(v, exported[k]) for k, v in raw.state_dict().items())
+
+    def measure(*args: str) -> dict:
+        assert eval_main(["tokenizer", "--num", "8", "--no-rfid", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    export, of_ema = measure("--checkpoint", str(tmp_path)), measure("--checkpoint", str(step))
+    of_raw = measure("--checkpoint", str(step), "--weights", "raw")
+    assert (export["weights"], of_ema["weights"], of_raw["weights"]) == ("exported", "ema", "raw")
+    assert of_ema["psnr"] == export["psnr"] and of_raw["psnr"] != export["psnr"]  # the same held-out scenes
+    with pytest.raises(SystemExit):
+        eval_main(["tokenizer", "--checkpoint", str(tmp_path), "--weights", "raw"])
+    assert "is an exported tokenizer, which holds one set of weights" in capsys.readouterr().err
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

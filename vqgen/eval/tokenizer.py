@@ -147,12 +147,17 @@ def evaluate_tokenizer(
 
 
 # --------------------------------------------------------------------------------------
-# CLI: python -m vqgen.eval tokenizer --checkpoint DIR [--num N] [--json OUT]
+# CLI: python -m vqgen.eval tokenizer --checkpoint DIR [--weights raw|ema] [--num N] [--json OUT]
 # --------------------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True, help="tokenizer directory (config.json + model.safetensors)")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="tokenizer directory (config.json + model.safetensors), or a checkpoint of its training "
+                        "run (<out_dir>/checkpoints/step_XXXXXXXX)")
+    parser.add_argument("--weights", choices=["raw", "ema"],
+                        help="of a training checkpoint: its weights as trained, or their EMA (default: what the run "
+                        "exports, the EMA when it keeps one)")
     parser.add_argument("--num", type=int, default=1000, help="held-out images to evaluate (default 1000)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument(
@@ -168,8 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides such as data.seed=3")
 
 
-def _data_config(args: argparse.Namespace, resolution: int, downsample: int) -> DataConfig:
-    run_config = Path(args.checkpoint) / "run_config.json"
+def _data_config(args: argparse.Namespace, run_config: Path, resolution: int, downsample: int) -> DataConfig:
     if args.data is not None:
         cfg = load_config(args.data, args.overrides)
     elif run_config.is_file():
@@ -189,15 +193,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from vqgen.tokenizer import VQTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = VQTokenizer.from_pretrained(args.checkpoint, device=device)
-    data_cfg = _data_config(args, tokenizer.resolution, tokenizer.cfg.downsample)
+    checkpoint = Path(args.checkpoint)
+    if (checkpoint / "trainer_state.json").is_file():  # a training checkpoint: config.json is the run's
+        from vqgen.train.tokenizer import tokenizer_from_checkpoint
+
+        tokenizer, weights = tokenizer_from_checkpoint(checkpoint, args.weights, device)
+        run_config = checkpoint / "config.json"
+    elif args.weights is not None:
+        raise ConfigError(f"--weights {args.weights}: {checkpoint} is an exported tokenizer, which holds one set of "
+                          "weights; pass a training checkpoint (<out_dir>/checkpoints/step_XXXXXXXX) to choose")
+    else:
+        tokenizer, weights = VQTokenizer.from_pretrained(checkpoint, device=device), "exported"
+        run_config = checkpoint / "run_config.json"
+    data_cfg = _data_config(args, run_config, tokenizer.resolution, tokenizer.cfg.downsample)
     inception = None
     if not args.no_rfid:
         try:
             inception = load_inception(args.inception, device)
         except MetricsError as e:
             raise MetricsError(f"{e}; or skip rFID with --no-rfid") from e
-    report = evaluate_tokenizer(tokenizer, heldout_dataset(data_cfg, args.num), args.batch_size, inception)
+    metrics = evaluate_tokenizer(tokenizer, heldout_dataset(data_cfg, args.num), args.batch_size, inception)
+    report = {"weights": weights, **metrics}
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

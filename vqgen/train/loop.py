@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from vqgen.checkpoint import atomic_write_text, load_weights, record_training_state, save_weights
+from vqgen.checkpoint import CheckpointError, atomic_write_text, load_weights, record_training_state, save_weights
 from vqgen.config import Config, TrainConfig, check_resume
 from vqgen.train.backends import (
     BackendError,
@@ -397,6 +397,32 @@ def _save_checkpoint(accelerator, out_dir: Path, step: int, ema: EMA | None, run
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_state(path: str | Path, weights: Literal["raw", "ema"] = "raw") -> dict[str, torch.Tensor]:
+    """The full state dict of the model in the training checkpoint ``path``
+    (``<out_dir>/checkpoints/step_XXXXXXXX``): its trained weights (``weights="raw"``), or its
+    EMA weights with the buffers as trained (``"ema"``: what the run's export holds).
+
+    Reads checkpoints of unsharded runs (a single process or DDP); FSDP and DeepSpeed keep
+    their weights in per-process shards."""
+    path = Path(path)
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights={weights!r}; use 'raw' or 'ema'")
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a training checkpoint (it has no trainer_state.json)")
+    trainer = json.loads(state_file.read_text())
+    saved = trainer.get("layout") or ("fsdp" if trainer.get("sharded") else "replicated")  # "sharded": older checkpoints
+    if saved != "replicated":
+        raise CheckpointError(f"{path} holds the per-process shards of {'an FSDP' if saved == 'fsdp' else 'a DeepSpeed'} "
+                              "run; resume that run to export its full weights")
+    state = load_weights(path / "model.safetensors")  # Accelerate's name for the one prepared model
+    if weights == "ema":
+        if not (path / EMA_FILE).is_file():
+            raise CheckpointError(f"{path} has no {EMA_FILE}: its run kept no EMA (ema_decay 0); use its raw weights")
+        state |= load_weights(path / EMA_FILE)  # parameters only: buffers stay as trained, as in the export
+    return state
 
 
 def _describe_run(run_layout: str, processes: Any) -> str:
