@@ -73,8 +73,8 @@ def start_guess(model: Transformer) -> int:
 
 
 def window_logits(model: Transformer, caches: nn.ModuleList, codes: Tensor, pos: Tensor) -> Tensor:
-    """Logits [S, W, V] (float32) of windows at positions pos [S, W], codes [S, W] the code
-    before each position."""
+    """Logits [S, W, V] (float32) of windows at positions pos [S, W] (or [W], the same in every
+    row), codes [S, W] the code before each position."""
     return model.decode_step(codes, pos, caches).float()
 
 
@@ -133,43 +133,47 @@ def speculative_decode(
     N, width, V = model.cfg.seq_len, model.cfg.grid[1], model.cfg.vocab_size
     W, B, device = window, len(seeds), model.bos.device
     streams = 2 if guided else 1
-    uniforms = draw_uniforms(seeds, 3 * (N + W)).to(device).view(B, 3, N + W)  # draft, accept, redraw [B, 3, N + W]
+    # each position's draft, acceptance and redraw uniforms [B, N + W, 3]
+    uniforms = draw_uniforms(seeds, 3 * (N + W)).to(device).view(B, N + W, 3)
     codes = torch.zeros(B, N + W, dtype=torch.long, device=device)  # accepted codes, then the drafts (W slack slots)
     start = torch.zeros(B, dtype=torch.long, device=device)  # codes accepted = the window's first position
     slots = torch.arange(W, device=device)
+    lanes = torch.arange(B, device=device)  # row indices, for picking each row's own slot
     out = torch.zeros(B, N, dtype=torch.long, device=device)
     forwards = torch.zeros(B, dtype=torch.long)
     images = torch.arange(B)  # the image in each row
 
     guess = start_guess(model) if prior == "above" else None
-    q = _draft(codes, slots.expand(B, W), start, torch.full((B, W, V), 1 / V, device=device), uniforms[:, 0, :W], width, guess)
+    q = _draft(codes, slots.expand(B, W), start, torch.full((B, W, V), 1 / V, device=device), uniforms[:, :W, 0], width, guess)
     while True:
         A = len(images)
+        rows = lanes[:A]
         pos = start[:, None] + slots  # [A, W]
         inputs = codes.gather(1, (pos - 1).clamp(min=0))  # the code before each position
-        logits = step(model, decoder.layers, repeat(inputs, "a w -> (s a) w", s=streams), repeat(pos, "a w -> (s a) w", s=streams))
+        # one image's streams share their positions: [W] takes the model's cheaper shared-position path
+        positions = pos[0] if A == 1 else repeat(pos, "a w -> (s a) w", s=streams)
+        logits = step(model, decoder.layers, repeat(inputs, "a w -> (s a) w", s=streams), positions)
         p = probabilities(guide(logits, scales[pos.clamp(max=N - 1)][..., None], guided), temperature, top_k, top_p)  # [A, W, V]
 
         # verify left to right: the leading accepted drafts, then a redraw at the first rejection
-        drafts = codes.gather(1, pos)[..., None]  # [A, W, 1]
-        u_accept, u_redraw = uniforms[:, 1:].gather(2, repeat(pos, "a w -> a two w", two=2)).unbind(1)  # [A, W] each
-        accepted = (u_accept * q.gather(-1, drafts)[..., 0] < p.gather(-1, drafts)[..., 0]).long().cumprod(1).sum(1)  # [A]
+        drafts = codes.gather(1, pos)  # [A, W]
+        u = uniforms[rows[:, None], pos]  # [A, W, 3]
+        p_x, q_x = (dist.gather(-1, drafts[..., None])[..., 0] for dist in (p, q))  # [A, W]
+        accepted = (u[..., 1] * q_x < p_x).long().cumprod(1).sum(1)  # [A]
         rejected = accepted < W
-        at = accepted.clamp(max=W - 1)[:, None]  # [A, 1]: the first rejected slot
-        row = repeat(at, "a 1 -> a 1 v", v=V)
-        p_at = p.gather(1, row)[:, 0]  # [A, V]
-        residual = (p_at - q.gather(1, row)[:, 0]).clamp(min=0)  # norm(max(0, p - q)), unnormalised
+        at = accepted.clamp(max=W - 1)  # [A]: the first rejected slot
+        p_at = p[rows, at]  # [A, V]
+        residual = (p_at - q[rows, at]).clamp(min=0)  # norm(max(0, p - q)), unnormalised
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p = q up to rounding: p is exact
-        redraw = inverse_cdf(residual, u_redraw.gather(1, at)[:, 0])  # [A]
-        codes.scatter_(1, pos.gather(1, at), torch.where(rejected[:, None], redraw[:, None], drafts[:, :, 0].gather(1, at)))
+        redraw = inverse_cdf(residual, u[rows, at, 2])  # [A]
+        codes[rows, pos[rows, at]] = torch.where(rejected, redraw, drafts[rows, at])
         advance = accepted + rejected.long()
         before, start = start, (start + advance).clamp(max=N)
 
         # the next window: slots this forward covered draft from its p (Jacobi), fresh ones from the prior
         source = (advance[:, None] + slots).clamp(max=W - 1)  # [A, W]: each next slot's slot in this window
         new_pos = start[:, None] + slots
-        q = _draft(codes, new_pos, before + W, p.gather(1, repeat(source, "a w -> a w v", v=V)),
-                   uniforms[:, 0].gather(1, new_pos), width, guess)
+        q = _draft(codes, new_pos, before + W, p[rows[:, None], source], uniforms[rows[:, None], new_pos, 0], width, guess)
 
         was, now = torch.stack([before, start]).cpu()  # the one host read per window
         forwards[images] += (was < N).long()
@@ -182,7 +186,7 @@ def speculative_decode(
                 done, keep = finished.nonzero()[:, 0], (~finished).nonzero()[:, 0]
                 out[images[done].to(device)] = codes[done.to(device), :N]
                 decoder.keep(torch.cat([keep + s * A for s in range(streams)]).to(device))
-                rows = keep.to(device)
-                codes, start, uniforms, q = (t[rows] for t in (codes, start, uniforms, q))
+                kept = keep.to(device)
+                codes, start, uniforms, q = (t[kept] for t in (codes, start, uniforms, q))
                 images, now = images[keep], now[keep]
             decoder.narrow(streams * len(images), min(decoder.length, int(now.max()) + W))
