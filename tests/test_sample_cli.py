@@ -2,6 +2,7 @@
 trained for a few steps (a trained head: with the zero head of a fresh model every image is
 the same whatever the prompt, and seeding tests pass vacuously)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ ROOT = Path(__file__).parent.parent
 SHAPES = ROOT / "configs" / "shapes.yaml"
 # the run's own sampling section: what every command must follow unless told otherwise
 SAMPLING = {"cfg_scale": 2.0, "cfg_schedule": "constant", "temperature": 0.8, "top_k": 0, "top_p": 0.95,
-            "num_images": 2, "seed": 5}
+            "num_images": 2, "seed": 5, "speculative": 0}
 PROMPTS = ["a big red circle in the top left", "a small blue square at the center and a big green circle on the right",
            "a small yellow triangle in the bottom right", "a big red circle in the top left"]
 
@@ -79,6 +80,15 @@ def test_settings_follow_the_checkpoint_and_flags_override_one_by_one(pipe):
     assert not torch.equal(codes, hotter)
 
 
+def test_a_checkpoint_that_samples_speculatively_does_so_by_default(pipe):
+    """``sampling.speculative`` saved with a run is a default like any other setting."""
+    speculative = dataclasses.replace(pipe, defaults=pipe.defaults | {"speculative": 3})
+    codes, _ = speculative(PROMPTS[:2])
+    assert torch.equal(codes, pipe(PROMPTS[:2], speculative=3)[0])
+    assert not torch.equal(codes, pipe(PROMPTS[:2])[0])  # another W, other draws
+    assert torch.equal(speculative(PROMPTS[:2], speculative=0)[0], pipe(PROMPTS[:2])[0])
+
+
 def test_a_checkpoint_without_a_run_config_samples_with_neutral_defaults(run, tmp_path):
     import shutil
 
@@ -115,6 +125,7 @@ def test_invalid_settings_are_refused_by_name(pipe, key, value, message):
     (["--temperature", "0"], "argument --temperature: sampling setting temperature must be a finite number > 0"),
     (["--top-p", "1.5"], "argument --top-p: sampling setting top_p must be a number in (0, 1]"),
     (["--top-k", "-1"], "argument --top-k: sampling setting top_k must be an integer >= 0"),
+    (["--speculative", "-1"], "argument --speculative: sampling setting speculative must be an integer >= 0"),
 ])
 def test_invalid_flags_are_refused_before_loading(args, message, tmp_path):
     proc = sample("--checkpoint", "nowhere", "--prompt", "a red circle", *args, "--out", str(tmp_path / "g.png"))
@@ -191,7 +202,8 @@ def test_sample_cli_writes_a_grid_with_its_settings(run, tmp_path, capsys):
         assert grid.width > 3 * 128  # three upscaled tiles per row, with captions
     lines = [json.loads(x) for x in (tmp_path / "grid.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and lines[4]["prompt"] == PROMPTS[2] and lines[4]["image"] == 1
-    assert lines[0]["settings"] == {"cfg_scale": 2.0, "cfg_schedule": "constant", "temperature": 0.8, "top_k": 50, "top_p": 0.95}
+    assert lines[0]["settings"] == {"cfg_scale": 2.0, "cfg_schedule": "constant", "temperature": 0.8, "top_k": 50, "top_p": 0.95,
+                                 "speculative": 0}
 
 
 def test_out_dir_writes_one_png_and_one_index_line_per_image_and_resumes(run, tmp_path):
@@ -232,12 +244,12 @@ def test_speculative_and_int8_jobs_record_how_they_decoded(run, tmp_path):
     args = ("--checkpoint", run, "--prompts", prompts, "--out-dir", out, "--batch-size", 4)
     assert sample_in_process(*args, "--speculative", 3, "--quantize", "int8") == 0
     job = json.loads((out / "job.json").read_text())
-    assert job["speculative"] == 3 and job["weights"] == "raw, int8-dynamic"
+    assert job["weights"] == "raw, int8-dynamic"
     index = [json.loads(x) for x in (out / "index.jsonl").read_text().splitlines()]
     assert len(index) == 4 and {x["weights"] for x in index} == {"raw, int8-dynamic"}
+    assert {x["settings"]["speculative"] for x in index} == {3}
     assert sample_in_process(*args, "--quantize", "int8") == 2  # plain decoding into a speculative job's folder
-    with pytest.raises(SystemExit):
-        sample_in_process(*args, "--speculative", -1)
+    assert sample_in_process(*args, "--speculative", 3) == 2  # fp32 weights into an int8 job's folder
 
 
 def test_jsonl_prompts_carry_their_own_seeds_and_settings(run, pipe, tmp_path):

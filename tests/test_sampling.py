@@ -14,6 +14,7 @@ from vqgen.sampling import (
     sampling_options,
     top_p_mask,
 )
+from vqgen.sampling.speculative import start_guess
 
 V, GRID, TEXT_DIM = 40, (3, 4), 16
 N = GRID[0] * GRID[1]
@@ -320,6 +321,26 @@ def test_speculative_greedy_equals_plain_greedy_and_is_batch_independent():
     alone = torch.cat([generate(model, text[i : i + 1], mask[i : i + 1], **opts) for i in range(3)])
     assert torch.equal(batched, alone)
     assert not torch.equal(batched, generate(model, text, mask, **opts | dict(seeds=5)))
+
+
+def test_a_constant_image_takes_one_window_from_the_start_guess():
+    """Where the model puts one code everywhere, the start guess and the copies above are right:
+    a window of the whole grid is accepted in one forward (noise drafts need a second one)."""
+    model = small_model()
+    model.head = torch.nn.Linear(model.cfg.dim, V)  # logits = bias: code 7 everywhere, whatever the text
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[7] = 60.0
+    text, mask = prompts()
+    assert start_guess(model) == 7
+    for prior, passes in (("above", 1), ("uniform", 2)):
+        codes, forwards = generate(model, text, mask, num_images=2, speculative=N, speculative_prior=prior,
+                                   cfg_scale=1.0, return_forwards=True)
+        assert (codes == 7).all() and (forwards == passes).all()
+    with torch.no_grad():  # an in-place change of the weights is seen: the guess follows
+        model.head.bias[3] = 90.0
+    assert start_guess(model) == 3
 
 
 def test_speculative_argument_errors():

@@ -163,6 +163,7 @@ class SamplingConfig:
     num_images: int = 1  # per prompt
     seed: int = 0  # image i of every prompt uses seed + i
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
+    speculative: int = 0  # W > 0: speculative Jacobi windows of W codes (same distribution, other draws, fewer forwards)
     prompts: list[str] = field(default_factory=list)  # fixed prompts for training-time grids
 
 
@@ -358,6 +359,8 @@ def validate(cfg: Config) -> None:
     _check_choices(cfg)
     if not 1 <= cfg.data.min_objects <= cfg.data.max_objects:
         raise ConfigError("config keys 'data.min_objects' <= 'data.max_objects' must hold, both >= 1")
+    if cfg.sampling.speculative < 0:
+        raise ConfigError(f"config key 'sampling.speculative' must be >= 0 (0 = off, W = windows of W codes), got {cfg.sampling.speculative}")
     if not 0 < cfg.sampling.top_p <= 1:
         raise ConfigError(f"config key 'sampling.top_p' must lie in (0, 1], got {cfg.sampling.top_p}")
     if cfg.data.resolution % cfg.tokenizer.downsample:

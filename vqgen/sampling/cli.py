@@ -5,8 +5,9 @@
     accelerate launch --num_processes 8 sample.py --checkpoint runs/demo --prompts prompts.jsonl --out-dir samples/
 
 Settings: the sampling section saved with the run (guidance, temperature, top-k/top-p, images
-per prompt, seed) unless a flag sets one; a JSONL prompt line may set its own ("seed",
-"cfg_scale", "temperature", "top_k", "top_p", "cfg_schedule", "num_images"). The effective
+per prompt, seed, speculative window) unless a flag sets one; a JSONL prompt line may set its
+own ("seed", "cfg_scale", "temperature", "top_k", "top_p", "cfg_schedule", "num_images",
+"speculative"). The effective
 settings are printed and saved with the images.
 
 Seeds: image i of prompt number p (0-based) uses the seed image_seed(seed, p, i), a hash of the
@@ -32,7 +33,7 @@ from vqgen.sampling.quantize import MODES
 
 # flag -> sampling setting it overrides
 FLAGS = {"num": "num_images", "cfg": "cfg_scale", "cfg_schedule": "cfg_schedule", "temperature": "temperature",
-         "top_k": "top_k", "top_p": "top_p", "seed": "seed"}
+         "top_k": "top_k", "top_p": "top_p", "seed": "seed", "speculative": "speculative"}
 
 
 def transformer_dir(path: Path) -> Path:
@@ -62,13 +63,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def add_setting_arguments(p: argparse.ArgumentParser, num: bool = True) -> None:
     """The sampling flags, each defaulting to the checkpoint's value."""
     if num:
@@ -79,6 +73,9 @@ def add_setting_arguments(p: argparse.ArgumentParser, num: bool = True) -> None:
     p.add_argument("--top-k", type=setting_type("top_k", int), help="0 = off")
     p.add_argument("--top-p", type=setting_type("top_p", float), help="nucleus mass in (0, 1]; 1 = off")
     p.add_argument("--seed", type=setting_type("seed", int), help="see 'Seeds' above")
+    p.add_argument("--speculative", type=setting_type("speculative", int), metavar="W",
+                   help="speculative Jacobi decoding with windows of W codes, exact in distribution "
+                        "(another W draws other images from the same distribution; 0 = off)")
 
 
 def overrides(args: argparse.Namespace) -> dict:
@@ -105,9 +102,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=32,
                    help="images sampled and decoded at once (default 32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--speculative", type=_nonnegative_int, default=0, metavar="W",
-                   help="speculative Jacobi decoding with windows of W codes, exact in distribution "
-                        "(another W draws other images from the same distribution; 0 = off)")
     p.add_argument("--quantize", choices=MODES, help="sample with int8 linear layers (see vqgen.sampling.quantize)")
     p.add_argument("--out", type=Path, help="captioned grid PNG")
     p.add_argument("--out-dir", type=Path, help="one PNG per image + index.jsonl; resumable")
@@ -152,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
         flagged = overrides(args)
         entries = plan(prompts, pipeline, flagged)
         runtime = {"compile": True} if args.compile else {}
-        if args.speculative:
-            runtime["speculative"] = args.speculative
         if state.is_main_process:
             print(describe(pipeline, pipeline.settings(**flagged), flagged))
             own = sum(bool(p.settings or p.seed is not None) for p in prompts)

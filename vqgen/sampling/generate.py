@@ -170,5 +170,5 @@ def sampling_options(cfg: SamplingConfig) -> dict[str, Any]:
     """``generate`` keyword arguments from the run config's ``sampling`` section."""
     return dict(
         num_images=cfg.num_images, cfg_scale=cfg.cfg_scale, cfg_schedule=cfg.cfg_schedule, temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p, seeds=cfg.seed, compile=cfg.compile,
+        top_k=cfg.top_k, top_p=cfg.top_p, seeds=cfg.seed, compile=cfg.compile, speculative=cfg.speculative,
     )

@@ -167,7 +167,7 @@ def run_job(
     if state.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         _claim(out_dir, {"checkpoint": pipeline.checkpoint, "weights": pipeline.weights, "batch_size": batch_size,
-                         "speculative": runtime.get("speculative", 0), "images": len(images), "fingerprint": fingerprint(images, pipeline.checkpoint, batch_size)})
+                         "images": len(images), "fingerprint": fingerprint(images, pipeline.checkpoint, batch_size)})
         for stale in out_dir.glob(".*.tmp"):  # left by a killed process mid-write
             stale.unlink()
     state.wait_for_everyone()

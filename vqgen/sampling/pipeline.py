@@ -40,7 +40,7 @@ from vqgen.sampling.generate import SCHEDULES, generate
 from vqgen.sampling.quantize import quantize as quantize_model, resolve_mode
 
 # the sampling settings a checkpoint records and every call may override
-SETTINGS = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "num_images", "seed")
+SETTINGS = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "num_images", "seed", "speculative")
 MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; the sum seed + i of a prompt's own seed stays valid
 
 
@@ -61,6 +61,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
     "num_images": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "seed": (lambda v: _is_int(v) and 0 <= v <= MAX_SEED // 2, f"an integer in [0, {MAX_SEED // 2}]"),
+    "speculative": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off, W = windows of W draft codes)"),
 }
 
 

@@ -16,9 +16,10 @@ Drafts:
 - a position this forward already covered (Jacobi iteration): drawn from its p_t, which was
   computed from the window's not yet verified codes before it;
 - a position entering the window: the code above it in the grid (the nearest one a forward has
-  covered), as a point mass; in the first row the last code before the new positions; at the
-  very first position a uniformly random code. On images a code often repeats its neighbours;
-  docs/benchmarks.md measures this prior against noise.
+  covered), as a point mass; in the first row the last code before the new positions; at
+  position 0 the code the model finds most likely there under the null caption (one forward
+  per model, cached: ``start_guess``). On images a code often repeats its neighbours, and
+  most images start on their background; docs/benchmarks.md measures this prior against noise.
 
 Draws are coupled across iterations, in the spirit of MC-SJD (So et al., 2025): a position's
 draft always inverts the same uniform, so it changes only where its q moved, and a stable
@@ -38,9 +39,11 @@ images finished.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor, nn
 
@@ -50,50 +53,55 @@ from vqgen.sampling.draws import draw_uniforms, guide, inverse_cdf, probabilitie
 
 PRIORS = ("above", "uniform")  # drafts for positions entering a window
 
+_START_GUESSES: weakref.WeakKeyDictionary[Transformer, tuple[tuple[int, ...], int]] = weakref.WeakKeyDictionary()
+
+
+def start_guess(model: Transformer) -> int:
+    """The code the model finds most likely at position 0 under the null caption: the draft of
+    the first position, where there is no code to copy (on images, usually the background).
+    One forward, cached per model until its weights change in place (which moves their version
+    counters; inference tensors, e.g. weights loaded under ``torch.inference_mode``, keep none)."""
+    versions = tuple(0 if p.is_inference() else p._version for p in model.parameters())
+    cached = _START_GUESSES.get(model)
+    if cached is None or cached[0] != versions:
+        device = model.bos.device
+        null = model.context(torch.zeros(1, 1, model.cfg.text_dim, device=device),
+                             torch.zeros(1, 1, dtype=torch.bool, device=device))  # the null token alone
+        logits = model.head(model.run(model.bos.expand(1, 1, -1), 0, null))  # [1, 1, V]
+        _START_GUESSES[model] = cached = (versions, int(logits.argmax()))
+    return cached[1]
+
 
 def window_logits(model: Transformer, caches: nn.ModuleList, codes: Tensor, pos: Tensor) -> Tensor:
-    """Logits [S, W, V] (float32) of windows at positions pos [S, W], codes [S, W] the code
-    before each position."""
+    """Logits [S, W, V] (float32) of windows at positions pos [S, W] (or [W], the same in every
+    row), codes [S, W] the code before each position."""
     return model.decode_step(codes, pos, caches).float()
 
 
-JACOBI, POINT, UNIFORM = 0, 1, 2  # what a draft was drawn from: a forward's p, a copied code, noise
+def _draft(codes: Tensor, pos: Tensor, covered: Tensor, jacobi: Tensor, u: Tensor, width: int, start: int | None) -> Tensor:
+    """Write drafts at window positions pos [A, W] into codes [A, N + W]; return the
+    distribution each was drawn from, q [A, W, V].
 
-
-def _draft(codes: Tensor, pos: Tensor, fresh: Tensor, jacobi: Tensor, u: Tensor, width: int, prior: str) -> tuple[Tensor, Tensor]:
-    """Write drafts at window positions pos [A, W] into codes [A, N + W]; return what each was
-    drawn from [A, W] (JACOBI, POINT or UNIFORM) and its probability there q(x) [A, W].
-
-    fresh [A]: the first position no forward has covered yet; positions before it draw from
-    jacobi [A, W, V], the last forward's p there. u [A, W]: each position's draft uniform.
+    Positions before covered [A] were covered by the last forward and draw from its p there,
+    jacobi [A, W, V]; later ones are fresh. u [A, W]: each position's draft uniform. A fresh
+    position copies the nearest code above it that is not fresh itself (in the first row, the
+    last code before the fresh ones; at position 0, ``start``), as a point mass; with
+    ``start=None`` (the "uniform" prior) it is a uniformly random code.
     """
     vocab = jacobi.shape[-1]
-    seen = pos < fresh[:, None]
-    noise = (u * vocab).long().clamp_(max=vocab - 1)  # a uniformly random code
-    drafts = torch.where(seen, inverse_cdf(jacobi.flatten(0, 1), u.flatten()).view_as(pos), noise)
-    kind = torch.where(seen, JACOBI, UNIFORM)
-    if prior == "above":
-        # the nearest code above that is not fresh itself; in the first row, the last code before the fresh ones
-        rows_up = ((pos - fresh[:, None] + width) // width).clamp(min=1)
-        up = pos - rows_up * width
-        source = torch.where(up >= 0, up, fresh[:, None] - 1)  # < fresh: accepted, or drafted just now from p
-        copied = ~seen & (source >= 0)
-        codes.scatter_(1, pos, drafts)
-        drafts = torch.where(copied, codes.gather(1, source.clamp(min=0)), drafts)
-        kind = torch.where(copied, POINT, kind)
+    fresh = pos >= covered[:, None]
+    q = torch.where(fresh[..., None], 1 / vocab, jacobi)
+    drafts = inverse_cdf(q.flatten(0, 1), u.flatten()).view_as(pos)
+    codes.scatter_(1, pos, drafts)  # the Jacobi drafts first: fresh positions below may copy them
+    if start is None:
+        return q
+    rows_up = ((pos - covered[:, None] + width) // width).clamp(min=1)
+    up = pos - rows_up * width
+    source = torch.where(up >= 0, up, covered[:, None] - 1)  # < covered: accepted, or drafted just now from p
+    copies = torch.where(source >= 0, codes.gather(1, source.clamp(min=0)), start)
+    drafts = torch.where(fresh, copies, drafts)
     codes.scatter_(1, pos, drafts)
-    q_x = torch.where(kind == JACOBI, jacobi.gather(-1, drafts[..., None])[..., 0], torch.where(kind == POINT, 1.0, 1 / vocab))
-    return kind, q_x
-
-
-def _residual(p: Tensor, q_jacobi: Tensor, kind: Tensor, draft: Tensor) -> Tensor:
-    """norm(max(0, p - q)) up to normalisation, for rows p [A, V] whose draft [A] came from
-    q_jacobi [A, V], a point mass on it or the uniform distribution (``kind`` [A])."""
-    vocab = p.shape[-1]
-    point = p.scatter(-1, draft[:, None], 0.0)  # p - one_hot(draft), clamped
-    residual = torch.where((kind == JACOBI)[:, None], (p - q_jacobi).clamp(min=0),
-                           torch.where((kind == POINT)[:, None], point, (p - 1 / vocab).clamp(min=0)))
-    return torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p = q up to rounding: p itself is exact
+    return torch.where(fresh[..., None], F.one_hot(drafts, vocab).to(q.dtype), q)
 
 
 def speculative_decode(
@@ -125,44 +133,47 @@ def speculative_decode(
     N, width, V = model.cfg.seq_len, model.cfg.grid[1], model.cfg.vocab_size
     W, B, device = window, len(seeds), model.bos.device
     streams = 2 if guided else 1
-    uniforms = draw_uniforms(seeds, 3 * (N + W)).to(device).view(B, 3, N + W)  # draft, accept, redraw [B, 3, N + W]
+    # each position's draft, acceptance and redraw uniforms [B, N + W, 3]
+    uniforms = draw_uniforms(seeds, 3 * (N + W)).to(device).view(B, N + W, 3)
     codes = torch.zeros(B, N + W, dtype=torch.long, device=device)  # accepted codes, then the drafts (W slack slots)
     start = torch.zeros(B, dtype=torch.long, device=device)  # codes accepted = the window's first position
     slots = torch.arange(W, device=device)
+    lanes = torch.arange(B, device=device)  # row indices, for picking each row's own slot
     out = torch.zeros(B, N, dtype=torch.long, device=device)
     forwards = torch.zeros(B, dtype=torch.long)
     images = torch.arange(B)  # the image in each row
 
-    q_jacobi = torch.full((B, W, V), 1 / V, device=device)  # the distribution each JACOBI draft came from
-    kind, q_x = _draft(codes, slots.expand(B, W), start, q_jacobi, uniforms[:, 0, :W], width, prior)
+    guess = start_guess(model) if prior == "above" else None
+    q = _draft(codes, slots.expand(B, W), start, torch.full((B, W, V), 1 / V, device=device), uniforms[:, :W, 0], width, guess)
     while True:
         A = len(images)
+        rows = lanes[:A]
         pos = start[:, None] + slots  # [A, W]
         inputs = codes.gather(1, (pos - 1).clamp(min=0))  # the code before each position
-        logits = step(model, decoder.layers, repeat(inputs, "a w -> (s a) w", s=streams), repeat(pos, "a w -> (s a) w", s=streams))
-        cells = pos.clamp(max=N - 1)  # positions past the grid (slack) read the last cell's guidance and uniforms
-        p = probabilities(guide(logits, scales[cells][..., None], guided), temperature, top_k, top_p)  # [A, W, V]
+        # one image's streams share their positions: [W] takes the model's cheaper shared-position path
+        positions = pos[0] if A == 1 else repeat(pos, "a w -> (s a) w", s=streams)
+        logits = step(model, decoder.layers, repeat(inputs, "a w -> (s a) w", s=streams), positions)
+        p = probabilities(guide(logits, scales[pos.clamp(max=N - 1)][..., None], guided), temperature, top_k, top_p)  # [A, W, V]
 
         # verify left to right: the leading accepted drafts, then a redraw at the first rejection
-        drafts = codes.gather(1, pos)
-        p_x = p.gather(-1, drafts[..., None])[..., 0]  # [A, W]
-        accepted = (uniforms[:, 1].gather(1, cells) * q_x < p_x).long().cumprod(1).sum(1)  # [A]
+        drafts = codes.gather(1, pos)  # [A, W]
+        u = uniforms[rows[:, None], pos]  # [A, W, 3]
+        p_x, q_x = (dist.gather(-1, drafts[..., None])[..., 0] for dist in (p, q))  # [A, W]
+        accepted = (u[..., 1] * q_x < p_x).long().cumprod(1).sum(1)  # [A]
         rejected = accepted < W
-        at = accepted.clamp(max=W - 1)[:, None]  # [A, 1]: the first rejected slot
-        row = repeat(at, "a 1 -> a 1 v", v=V)
-        residual = _residual(p.gather(1, row)[:, 0], q_jacobi.gather(1, row)[:, 0], kind.gather(1, at)[:, 0],
-                             drafts.gather(1, at)[:, 0])
-        redraw = inverse_cdf(residual, uniforms[:, 2].gather(1, cells.gather(1, at))[:, 0])  # [A]
-        where = pos.gather(1, at)  # [A, 1]
-        codes.scatter_(1, where, torch.where(rejected, redraw, codes.gather(1, where)[:, 0])[:, None])
+        at = accepted.clamp(max=W - 1)  # [A]: the first rejected slot
+        p_at = p[rows, at]  # [A, V]
+        residual = (p_at - q[rows, at]).clamp(min=0)  # norm(max(0, p - q)), unnormalised
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p = q up to rounding: p is exact
+        redraw = inverse_cdf(residual, u[rows, at, 2])  # [A]
+        codes[rows, pos[rows, at]] = torch.where(rejected, redraw, drafts[rows, at])
         advance = accepted + rejected.long()
         before, start = start, (start + advance).clamp(max=N)
 
         # the next window: slots this forward covered draft from its p (Jacobi), fresh ones from the prior
         source = (advance[:, None] + slots).clamp(max=W - 1)  # [A, W]: each next slot's slot in this window
-        q_jacobi = p.gather(1, repeat(source, "a w -> a w v", v=V))
         new_pos = start[:, None] + slots
-        kind, q_x = _draft(codes, new_pos, before + W, q_jacobi, uniforms[:, 0].gather(1, new_pos), width, prior)
+        q = _draft(codes, new_pos, before + W, p[rows[:, None], source], uniforms[rows[:, None], new_pos, 0], width, guess)
 
         was, now = torch.stack([before, start]).cpu()  # the one host read per window
         forwards[images] += (was < N).long()
@@ -175,9 +186,7 @@ def speculative_decode(
                 done, keep = finished.nonzero()[:, 0], (~finished).nonzero()[:, 0]
                 out[images[done].to(device)] = codes[done.to(device), :N]
                 decoder.keep(torch.cat([keep + s * A for s in range(streams)]).to(device))
-                rows = keep.to(device)
-                codes, start, uniforms, q_jacobi, kind, q_x = (
-                    t[rows] for t in (codes, start, uniforms, q_jacobi, kind, q_x)
-                )
+                kept = keep.to(device)
+                codes, start, uniforms, q = (t[kept] for t in (codes, start, uniforms, q))
                 images, now = images[keep], now[keep]
             decoder.narrow(streams * len(images), min(decoder.length, int(now.max()) + W))
