@@ -75,7 +75,7 @@ def test_heldout_split_is_deterministic_disjoint_and_by_file(tmp_path):
 
 
 def test_heldout_metrics_read_only_heldout_images(tmp_path):
-    from vqgen.eval.tokenizer import heldout_dataset, training_images
+    from vqgen.data.splits import heldout_dataset, training_images
 
     root = make_folder(tmp_path / "images", 20)
     cfg = DataConfig(kind="folder", path=str(root), resolution=R, eval_fraction=0.25)

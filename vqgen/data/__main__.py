@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from vqgen.checkpoint import atomic_write_text
 from vqgen.data import codes, photos
+from vqgen.data.shapes import ShapesDataset, render_scene
 
 
 class Command(NamedTuple):
@@ -48,8 +49,6 @@ def add_shapes_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_shapes(args: argparse.Namespace) -> None:
-    from vqgen.data.shapes import ShapesDataset, render_scene
-
     if args.objects is not None:
         if args.min_objects is not None or args.max_objects is not None:
             raise ValueError("give either --objects or --min-objects/--max-objects, not both")

@@ -41,6 +41,14 @@ from tqdm.auto import tqdm
 
 from vqgen.checkpoint import atomic_write, atomic_write_text, file_digest
 from vqgen.config import ConfigError, DataConfig, load_config
+from vqgen.data.loaders import (
+    ShardSamples,
+    SkippedSampleWarning,
+    Tolerant,
+    WebDatasetSamples,
+    build_dataset,
+    collate_usable,
+)
 
 FORMAT = "vqgen-codes/1"
 META = "meta.json"
@@ -82,15 +90,11 @@ def skipped_path(directory: Path, shard: int) -> Path:
 def source_dataset(data_cfg: DataConfig) -> Dataset:
     """The training images to pre-tokenize: shapes scenes ``0..data.num-1``, an image folder's
     training split, or the training shards of a WebDataset (a ``WebDatasetSamples``)."""
-    from vqgen.data.loaders import build_dataset
-
     return build_dataset(dataclasses.replace(data_cfg, shuffle_buffer=0), "train")
 
 
 def _shard_loader(dataset: Dataset, shard: int, shard_size: int, batch_size: int, data_cfg: DataConfig) -> DataLoader:
     """Batches (``collate_usable``) of the source images of code shard ``shard``."""
-    from vqgen.data.loaders import ShardSamples, Tolerant, WebDatasetSamples, collate_usable
-
     if isinstance(dataset, WebDatasetSamples):  # one tar shard: one reader, decoding ahead in a worker
         source, workers = ShardSamples(dataset, [dataset.shards[shard]]), min(1, data_cfg.num_workers)
     else:
@@ -132,9 +136,9 @@ def encode_dataset(
     ``encoded`` and ``skipped`` shards, ``num_shards``, and (from the main process) the
     ``count`` of images encoded and the ``skipped_samples`` by reason.
     """
+    # only encoding needs these: `python -m vqgen.data shapes` and readers of code shards need not load them
     from accelerate import Accelerator
 
-    from vqgen.data.loaders import SkippedSampleWarning, WebDatasetSamples
     from vqgen.tokenizer import VQTokenizer
 
     if shard_size < 1 or batch_size < 1:

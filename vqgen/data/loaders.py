@@ -48,6 +48,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset
 
 from vqgen.config import ConfigError, DataConfig
+from vqgen.data.shapes import ShapesDataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MISSING_CAPTION_POLICIES = ("skip", "error", "empty")
@@ -604,8 +605,6 @@ def build_dataset(data_cfg: DataConfig, split: str = "train") -> Dataset:
     ``data.eval_fraction`` of files or shards that ``train`` then leaves out).
     """
     if data_cfg.kind == "shapes":
-        from vqgen.data.shapes import ShapesDataset
-
         return ShapesDataset.from_config(data_cfg, split=split)
     if data_cfg.kind not in ("folder", "webdataset"):
         raise ConfigError(f"config key 'data.kind' is {data_cfg.kind!r}; choose one of shapes, folder, webdataset")

@@ -30,6 +30,12 @@ from PIL import Image
 from vqgen.checkpoint import CheckpointError, atomic_write_text
 from vqgen.data.prompts import read_prompts
 from vqgen.eval import tokenizer as tokenizer_cli
+from vqgen.eval.clip_score import DEFAULT_CLIP, clip_score_folder, load_clip
+from vqgen.eval.fid import fid_kid, inception_features, load_inception
+from vqgen.eval.grid import to_pil
+from vqgen.eval.scene import ATTRIBUTES, adherence
+from vqgen.sampling.cli import add_setting_arguments, describe, overrides, transformer_dir
+from vqgen.sampling.pipeline import Pipeline
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -48,8 +54,6 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def add_adherence_arguments(parser: argparse.ArgumentParser) -> None:
-    from vqgen.sampling.cli import add_setting_arguments
-
     parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
     parser.add_argument("--images", type=Path,
                         help="folder of images, scored in sorted name order (with --checkpoint: where to save them)")
@@ -78,10 +82,6 @@ def load_images(folder: Path, count: int, prompts_path: Path) -> list[Image.Imag
 def generate_images(args: argparse.Namespace, prompts: list[str]) -> tuple[list[Image.Image], dict]:
     """One image per prompt from ``args.checkpoint`` -> (images, the effective settings);
     prompt i's image uses seed ``image_seed(seed, i, 0)``, as ``sample.py`` does."""
-    from vqgen.eval.grid import to_pil
-    from vqgen.sampling.cli import describe, overrides, transformer_dir
-    from vqgen.sampling.pipeline import Pipeline
-
     pipeline = Pipeline.from_pretrained(transformer_dir(args.checkpoint))
     flagged = overrides(args)
     settings = pipeline.settings(**flagged, num_images=1)
@@ -96,8 +96,6 @@ def generate_images(args: argparse.Namespace, prompts: list[str]) -> tuple[list[
 
 
 def run_adherence(args: argparse.Namespace) -> None:
-    from vqgen.eval.scene import ATTRIBUTES, adherence
-
     prompts = read_prompts(args.prompts)
     generated: dict = {}
     if args.checkpoint:
@@ -126,8 +124,6 @@ def add_fid_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_fid(args: argparse.Namespace) -> None:
-    from vqgen.eval.fid import fid_kid, inception_features, load_inception
-
     inception = load_inception(args.inception)
     features = {}
     for name in ("real", "fake"):
@@ -143,8 +139,6 @@ def run_fid(args: argparse.Namespace) -> None:
 
 
 def add_clip_score_arguments(parser: argparse.ArgumentParser) -> None:
-    from vqgen.eval.clip_score import DEFAULT_CLIP
-
     parser.add_argument("folder", type=Path, help="folder with an index.jsonl (file, prompt per line), as sample.py --out-dir writes")
     parser.add_argument("--model", default=DEFAULT_CLIP,
                         help=f"CLIP model: hub name (from the local cache when offline) or save_pretrained directory (default {DEFAULT_CLIP})")
@@ -153,8 +147,6 @@ def add_clip_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_clip_score(args: argparse.Namespace) -> None:
-    from vqgen.eval.clip_score import clip_score_folder, load_clip
-
     model, processor = load_clip(args.model)
     report = clip_score_folder(args.folder, model, processor, args.batch_size) | {"model": str(args.model)}
     print(f"CLIP score {report['clip_score']:.3f} ± {report['clip_score_std']:.3f} over {report['num_images']} images "

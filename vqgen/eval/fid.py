@@ -27,18 +27,19 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
 from vqgen.checkpoint import file_digest
-
-if TYPE_CHECKING:
-    from vqgen.data.shapes import Scene
+from vqgen.data.shapes import Scene, render_scene
+from vqgen.eval.grid import to_pil
+from vqgen.eval.scene import parse_caption
 
 INCEPTION_ENV = "VQGEN_INCEPTION"
 INCEPTION_SIZE = 299
@@ -149,8 +150,6 @@ def inception_features(
 
     ``progress`` names a progress bar (none when ``None``).
     """
-    from tqdm.auto import tqdm
-
     device = next(inception.parameters()).device
     images = list(images)
     chunks = []
@@ -290,10 +289,6 @@ def shapes_fid(
     floor), and ``mismatched[name]`` names the set whose renders the samples are also held against.
     Identical images (the same scene rendered twice, repeated samples) go through Inception once.
     """
-    from vqgen.data.shapes import render_scene
-    from vqgen.eval.grid import to_pil
-    from vqgen.eval.scene import parse_caption
-
     images: dict[str, dict[str, list[Image.Image]]] = {}
     for name, (prompts, samples) in sets.items():
         if len(other_scenes.get(name, ())) != len(prompts):

@@ -12,7 +12,6 @@ of the reconstructions against the originals (8-bit images, see ``vqgen.eval.fid
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -26,46 +25,14 @@ from torch.utils.data import Dataset
 
 from vqgen.checkpoint import atomic_write_text
 from vqgen.config import ConfigError, DataConfig, load_config
+from vqgen.data.splits import heldout_dataset
 from vqgen.eval.fid import InceptionFeatures, MetricsError, frechet_distance, inception_features, load_inception
 from vqgen.eval.grid import to_pil
+from vqgen.eval.scene import adherence
+from vqgen.tokenizer import VQTokenizer
 
-# held-out shapes scenes come from this seed offset (training streams use data.seed itself)
-HELDOUT_SEED_OFFSET = 1
 # a patch is flat when every channel spans at most this much (one 8-bit step is 2/255)
 FLAT_TOLERANCE = 2.5 / 255
-
-
-def heldout_dataset(data_cfg: DataConfig, num: int) -> Dataset:
-    """``num`` images the tokenizer never trained on: shapes scenes from another seed, or the
-    held-out split of real data (``data.eval_path`` or ``data.eval_fraction``; a
-    :class:`~vqgen.config.ConfigError` naming them when neither is set). Unreadable held-out
-    images are skipped with a warning."""
-    if data_cfg.kind == "shapes":
-        from vqgen.data.shapes import ShapesDataset
-
-        shifted = dataclasses.replace(data_cfg, seed=data_cfg.seed + HELDOUT_SEED_OFFSET)
-        return ShapesDataset.from_config(shifted, split="train", num=num)
-    return _first_images(data_cfg, "eval", num)
-
-
-def training_images(data_cfg: DataConfig, num: int) -> Dataset:
-    """The first ``num`` training images, to set training PSNR beside held-out PSNR: shapes
-    scenes ``0..num-1`` (the start of the tokenizer's stream), the first files of a folder's
-    training split, or the first samples of the training shards."""
-    if data_cfg.kind == "shapes":
-        from vqgen.data.shapes import ShapesDataset
-
-        return ShapesDataset.from_config(data_cfg, split="train", num=num)
-    return _first_images(dataclasses.replace(data_cfg, shuffle_buffer=0), "train", num)
-
-
-def _first_images(data_cfg: DataConfig, split: str, num: int) -> list[dict[str, Any]]:
-    from vqgen.data.loaders import DataError, build_dataset, readable_samples
-
-    samples, _ = readable_samples(build_dataset(data_cfg, split), num, data_cfg.on_bad_sample)
-    if not samples:
-        raise DataError(f"the {split} split of data.path={data_cfg.path!r} holds no readable image")
-    return samples
 
 
 def _flat_patch_codes(images: torch.Tensor, codes: torch.Tensor, patch: int) -> list[tuple[tuple[int, ...], int]]:
@@ -137,8 +104,6 @@ def evaluate_tokenizer(
     if inception is not None:
         report["rfid"] = frechet_distance(torch.cat(features["real"]), torch.cat(features["recon"]))
     if has_scenes:
-        from vqgen.eval.scene import adherence
-
         scene = adherence(torch.cat(recons), scenes)  # ground-truth scenes, not re-parsed captions
         scene.pop("n")
         report["exact"] = scene.pop("exact")
@@ -190,8 +155,6 @@ def _data_config(args: argparse.Namespace, run_config: Path, resolution: int, do
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from vqgen.tokenizer import VQTokenizer
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint = Path(args.checkpoint)
     if (checkpoint / "trainer_state.json").is_file():  # a training checkpoint: config.json is the run's

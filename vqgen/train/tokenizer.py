@@ -30,7 +30,8 @@ from torch import nn
 from vqgen.checkpoint import atomic_write_text, load_state_into, substate, training_state
 from vqgen.config import Config, TokenizerConfig, TrainConfig, load_config
 from vqgen.data.loaders import WebDatasetSamples, build_dataset, has_heldout
-from vqgen.eval.tokenizer import HELDOUT_SEED_OFFSET, evaluate_tokenizer, heldout_dataset, training_images
+from vqgen.data.splits import describe_heldout, heldout_dataset, training_images
+from vqgen.eval.tokenizer import evaluate_tokenizer
 from vqgen.tokenizer import TokenizerTrainer, VQTokenizer
 from vqgen.train.batches import FolderBatches, LoaderBatches, ShardBatches
 from vqgen.train.loop import (
@@ -158,7 +159,7 @@ def train_tokenizer(cfg: Config, out_dir: Path, eval_num: int = 512) -> dict:
         task.batches.close()
     if accelerator.is_main_process and eval_num > 0:
         tokenizer = VQTokenizer.from_pretrained(out_dir, device=accelerator.device)
-        report: dict = {"heldout": describe_heldout(cfg), "training_state": metrics["training_state"]}
+        report: dict = {"heldout": describe_heldout(cfg.data), "training_state": metrics["training_state"]}
         if has_heldout(cfg.data):
             heldout = evaluate_tokenizer(tokenizer, heldout_dataset(cfg.data, num=eval_num), train_cfg.batch_size)
             report |= heldout
@@ -189,15 +190,3 @@ def tokenizer_from_checkpoint(
     load_state_into(tokenizer, substate(checkpoint_state(path, weights), "tokenizer"), path)
     return tokenizer.to(device).eval(), weights
 
-
-def describe_heldout(cfg: Config) -> str:
-    """Where the held-out images of ``report.json`` come from, in words."""
-    data = cfg.data
-    if data.kind == "shapes":
-        return f"shapes scenes of seed {data.seed + HELDOUT_SEED_OFFSET} (training reads seed {data.seed})"
-    if data.eval_path:
-        return f"data.eval_path={data.eval_path}"
-    if data.eval_fraction:
-        unit = "files" if data.kind == "folder" else "shards"
-        return f"data.eval_fraction={data.eval_fraction} of the {unit} of data.path, chosen by path hash"
-    return "none: set data.eval_fraction or data.eval_path for held-out metrics"
