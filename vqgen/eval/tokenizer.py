@@ -29,7 +29,7 @@ from vqgen.data.splits import heldout_dataset
 from vqgen.eval.fid import InceptionFeatures, MetricsError, frechet_distance, inception_features, load_inception
 from vqgen.eval.grid import to_pil
 from vqgen.eval.scene import adherence
-from vqgen.tokenizer import VQTokenizer
+from vqgen.tokenizer import VQTokenizer, psnr
 
 # a patch is flat when every channel spans at most this much (one 8-bit step is 2/255)
 FLAT_TOLERANCE = 2.5 / 255
@@ -71,8 +71,7 @@ def evaluate_tokenizer(
         codes = tokenizer.encode(images)  # [B, h, w]
         encode_seconds += time.perf_counter() - t0
         recon = tokenizer.decode(codes).float()  # [B, 3, H, W]
-        mse = reduce((recon - images) ** 2, "b c h w -> b", "mean")
-        psnr_sum += (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).sum().item()
+        psnr_sum += psnr(recon, images).sum().item()
         n += len(samples)
         counts += torch.bincount(codes.flatten().cpu(), minlength=tokenizer.codebook_size)
         for colour, code in _flat_patch_codes(images.float(), codes, tokenizer.cfg.downsample):

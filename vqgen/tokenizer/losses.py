@@ -162,9 +162,9 @@ def load_lpips(path: str | Path) -> LPIPS:
 
 
 def psnr(x: Tensor, y: Tensor) -> Tensor:
-    """Mean PSNR in dB of images in [-1, 1] (peak-to-peak 2): [B, 3, H, W] x2 -> scalar."""
+    """PSNR in dB of each image in [-1, 1] (peak-to-peak 2): [B, 3, H, W] x2 -> [B]."""
     mse = reduce((x.float().clamp(-1, 1) - y.float()) ** 2, "b c h w -> b", "mean")
-    return (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).mean()
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
 class TokenizerTrainer(nn.Module):
@@ -207,7 +207,7 @@ class TokenizerTrainer(nn.Module):
             loss = loss + on * (cfg.gan_weight * weight * g_loss + d_loss)
             metrics |= {"g_loss": g_loss.detach(), "d_loss": d_loss.detach(), "d_weight": weight}
 
-        metrics["psnr"] = psnr(recon.detach(), images)
+        metrics["psnr"] = psnr(recon.detach(), images).mean()
         # codes seen in this batch, counted on the device (unique() would wait for the host)
         seen = torch.zeros(self.tokenizer.codebook_size, device=codes.device).index_fill_(0, codes.flatten(), 1.0)
         metrics["usage"] = seen.mean()
