@@ -158,11 +158,6 @@ def make_scene(objects: Sequence[SceneObject]) -> Scene:
     return scene
 
 
-def scene_to_str(scene: Scene) -> str:
-    """Canonical one-line description, e.g. ``"big red circle at top left; ..."``."""
-    return "; ".join(map(str, scene)) or "(empty)"
-
-
 # --------------------------------------------------------------------------------------
 # Words -> attributes (shared by hold-out specs here and the caption parser in vqgen.eval)
 # --------------------------------------------------------------------------------------
