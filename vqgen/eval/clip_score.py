@@ -30,7 +30,7 @@ INDEX_FILE = "index.jsonl"
 
 def load_clip(name_or_path: str | Path, device: str | torch.device | None = None) -> tuple[Any, Any]:
     """``(CLIPModel, CLIPProcessor)`` from a local directory or a hub name, in eval mode on ``device``."""
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPModel, CLIPProcessor  # seconds to import: only for a CLIP score
 
     name = str(name_or_path)
     local = Path(name).expanduser()

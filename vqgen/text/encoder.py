@@ -123,7 +123,7 @@ class TextEncoder:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        import transformers
+        import transformers  # seconds to import: paid by whoever loads an encoder, not by importers of vqgen.text
 
         self.name, self.max_length = name_or_path, max_length
         self.device, self.dtype = torch.device(device), dtype
