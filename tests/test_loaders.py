@@ -10,20 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from vqgen.config import ConfigError, DataConfig
 from vqgen.data.loaders import (
     BadSample,
     DataError,
     ImageFolderDataset,
+    SkipCounter,
     Skipped,
     SkippedSampleWarning,
     Tolerant,
+    WebDatasetSamples,
     build_dataset,
     collate_usable,
     image_to_tensor,
-    webdataset_samples,
+    readable_samples,
 )
 
 R = 8
@@ -207,9 +208,33 @@ def test_folder_errors(tmp_path):
         ImageFolderDataset(tmp_path, R)
 
 
+def test_skip_counter_names_the_first_of_each_reason_and_every_damaged_shard():
+    counter = SkipCounter()
+    with pytest.warns(SkippedSampleWarning) as record:
+        counter.record([Skipped("corrupt", "a.png"), Skipped("corrupt", "b.png"), Skipped("damaged_shard", "0.tar")])
+        counter.record([Skipped("damaged_shard", "1.tar"), Skipped("no_caption", "c.png"), Skipped("corrupt", "d.png")])
+    assert [str(w.message) for w in record] == [
+        "skipping a.png (further 'corrupt' samples are counted, not named)",
+        "skipping 0.tar",
+        "skipping 1.tar",
+        "skipping c.png (further 'no_caption' samples are counted, not named)",
+    ]
+    assert counter == {"corrupt": 3, "damaged_shard": 2, "no_caption": 1}
+
+
 # --------------------------------------------------------------------------------------
 # WebDataset
 # --------------------------------------------------------------------------------------
+
+
+def read(shards: WebDatasetSamples) -> tuple[list[dict], SkipCounter]:
+    """Every usable sample of the shards, in order (as a held-out set is read), and the skip counts."""
+    return readable_samples(shards, num=10**6)
+
+
+def stream_captions(shards: WebDatasetSamples, rank: int, world: int, slot: int, slots: int, epoch: int) -> list[str]:
+    """The captions reader ``slot`` of ``slots`` on process ``rank`` of ``world`` reads in ``epoch``, as training does."""
+    return [shards.decode(raw)["caption"] for raw in shards.stream(rank, world, slot, slots, epoch)]
 
 
 def shard_members(start: int, n: int) -> dict[str, bytes]:
@@ -233,13 +258,12 @@ def test_webdataset_reads_images_and_captions(tmp_path):
             "c.json": json.dumps({"text": "blue square"}).encode(),
         },
     )
-    ds = webdataset_samples(str(tmp_path / "*.tar"), R)
-    samples = list(ds)
+    samples, skipped = read(WebDatasetSamples(str(tmp_path / "*.tar"), R))
     assert [s["caption"] for s in samples] == ["red square", "green square", "blue square"]
     assert all(set(s) == {"image", "caption"} and s["image"].shape == (3, R, R) for s in samples)
     assert is_color(samples[1]["image"], GREEN)
     assert is_color(samples[0]["image"], RED, atol=0.05)
-    assert not ds.skipped
+    assert not skipped
 
 
 def test_webdataset_skips_bad_data(tmp_path):
@@ -250,16 +274,17 @@ def test_webdataset_skips_bad_data(tmp_path):
     write_tar(tmp_path / "002.tar", {})  # a valid tar without samples
     full = write_tar(tmp_path / "full.tar", shard_members(10, 3)).read_bytes()
     (tmp_path / "003.tar").write_bytes(full[: 512 * 7 + 5])  # cut inside 000011.txt
-    ds = webdataset_samples(str(tmp_path / "{000..003}.tar"), R)
+    ds = WebDatasetSamples(str(tmp_path / "{000..003}.tar"), R)
     with pytest.warns(SkippedSampleWarning) as record:
-        captions = [s["caption"] for s in ds]
+        samples, skipped = read(ds)
+    captions = [s["caption"] for s in samples]
     assert captions == ["caption 0", "caption 10"]
     messages = [str(w.message) for w in record]
     assert any("000.tar:000001.png: not a recognised image format" in m for m in messages)
     assert any(m.startswith(f"skipping the rest of shard {tmp_path / '001.tar'}: ReadError") for m in messages)
     assert any(m.startswith(f"skipping the rest of shard {tmp_path / '003.tar'}") for m in messages)
     # 11's image was cut: it is dropped as truncated, not reported as uncaptioned
-    assert ds.skipped == {"corrupt": 1, "damaged_shard": 2, "truncated": 1}
+    assert skipped == {"corrupt": 1, "damaged_shard": 2, "truncated": 1}
 
 
 def test_webdataset_missing_caption_policies(tmp_path):
@@ -270,53 +295,47 @@ def test_webdataset_missing_caption_policies(tmp_path):
     }
     shard = write_tar(tmp_path / "000.tar", members)
     with pytest.raises(DataError) as err:
-        list(webdataset_samples(str(shard), R, missing_caption="error"))
+        read(WebDatasetSamples(str(shard), R, missing_caption="error"))
     assert str(err.value) == (
         f"{shard}:000000.png has no caption (no 000000.txt, and no 'caption' or 'text' in its .json): fix the "
         "shard, or set data.missing_caption=skip (drop such samples) or data.missing_caption=empty "
         "(train them unconditionally)"
     )
-    skipped = webdataset_samples([shard], R)  # skip is the default
-    assert [s["caption"] for s in skipped] == ["caption 1"] and skipped.skipped == {"no_caption": 1}
-    assert [s["caption"] for s in webdataset_samples(shard, R, missing_caption="empty")] == ["", "caption 1"]
+    with pytest.warns(SkippedSampleWarning, match="000.tar:000000.png has no caption"):
+        samples, skipped = read(WebDatasetSamples([shard], R))  # skip is the default
+    assert [s["caption"] for s in samples] == ["caption 1"] and skipped == {"no_caption": 1}
+    assert [s["caption"] for s in read(WebDatasetSamples(shard, R, missing_caption="empty"))[0]] == ["", "caption 1"]
 
 
 def test_webdataset_shard_patterns(tmp_path):
     with pytest.raises(DataError, match=r"shard pattern '.*\*\.tar' matches no file"):
-        webdataset_samples(str(tmp_path / "*.tar"), R)
+        WebDatasetSamples(str(tmp_path / "*.tar"), R)
     write_tar(tmp_path / "000.tar", shard_members(0, 1))
     with pytest.raises(DataError, match=r"shard .*001\.tar not found \(from the pattern"):
-        webdataset_samples(str(tmp_path / "{000..001}.tar"), R)
-    assert webdataset_samples(str(tmp_path / "{000..000}.tar"), R).shards == [str(tmp_path / "000.tar")]
+        WebDatasetSamples(str(tmp_path / "{000..001}.tar"), R)
+    assert WebDatasetSamples(str(tmp_path / "{000..000}.tar"), R).shards == [str(tmp_path / "000.tar")]
 
 
-def test_webdataset_splits_shards_by_rank_and_worker(tmp_path, monkeypatch):
-    shards = [str(write_tar(tmp_path / f"{k:03d}.tar", shard_members(10 * k, 2))) for k in range(4)]
-    everything = {f"caption {10 * k + i}" for k in range(4) for i in range(2)}
+def test_webdataset_streams_split_shards_by_rank_and_reader(tmp_path):
+    shards = WebDatasetSamples([str(write_tar(tmp_path / f"{k:03d}.tar", shard_members(10 * k, 2))) for k in range(4)], R)
+    everything = [f"caption {10 * k + i}" for k in range(4) for i in range(2)]
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    per_rank = []
-    for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        per_rank.append([s["caption"] for s in webdataset_samples(shards, R)])
+    per_rank = [stream_captions(shards, rank, 2, 0, 1, epoch=0) for rank in (0, 1)]
     assert per_rank == [["caption 0", "caption 1", "caption 20", "caption 21"],
                         ["caption 10", "caption 11", "caption 30", "caption 31"]]  # fmt: skip
-
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
-    loader = DataLoader(webdataset_samples(shards, R), batch_size=None, num_workers=2)
-    captions = [s["caption"] for s in loader]
-    assert len(captions) == len(everything) and set(captions) == everything  # each sample once
+    per_reader = [stream_captions(shards, 0, 1, slot, 2, epoch=0) for slot in (0, 1)]  # one process, two workers
+    assert per_reader == per_rank
+    readers = [stream_captions(shards, rank, 2, slot, 2, epoch=0) for rank in (0, 1) for slot in (0, 1)]
+    assert sorted(c for reader in readers for c in reader) == sorted(everything)  # each sample once
 
 
 def test_webdataset_shuffle_is_seeded(tmp_path):
     shards = [str(write_tar(tmp_path / f"{k:03d}.tar", shard_members(10 * k, 5))) for k in range(3)]
-    ds = webdataset_samples(shards, R, shuffle=8, seed=3)
-    first = [s["caption"] for s in ds]
-    second = [s["caption"] for s in ds]
-    ds.set_epoch(0)
-    again = [s["caption"] for s in ds]
-    plain = [s["caption"] for s in webdataset_samples(shards, R)]
+    ds = WebDatasetSamples(shards, R, shuffle=8, seed=3)
+    first = stream_captions(ds, 0, 1, 0, 1, epoch=0)
+    second = stream_captions(ds, 0, 1, 0, 1, epoch=1)
+    again = stream_captions(ds, 0, 1, 0, 1, epoch=0)
+    plain = stream_captions(WebDatasetSamples(shards, R), 0, 1, 0, 1, epoch=0)
     assert first == again and sorted(first) == sorted(plain)
     assert first != plain and second != first  # shuffled, and differently per epoch
 
@@ -333,7 +352,7 @@ def test_build_dataset_dispatch(tmp_path):
 
     write_tar(tmp_path / "000.tar", shard_members(0, 2))
     stream = build_dataset(DataConfig(kind="webdataset", path=str(tmp_path / "*.tar"), resolution=R, shuffle_buffer=0))
-    assert [s["caption"] for s in stream] == ["caption 0", "caption 1"]
+    assert [s["caption"] for s in read(stream)[0]] == ["caption 0", "caption 1"]
 
 
 def test_build_dataset_errors(tmp_path):

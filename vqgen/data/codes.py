@@ -29,7 +29,6 @@ import bisect
 import dataclasses
 import io
 import json
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from vqgen.checkpoint import atomic_write, atomic_write_text, file_digest
 from vqgen.config import ConfigError, DataConfig, load_config
 from vqgen.data.loaders import (
     ShardSamples,
-    SkippedSampleWarning,
+    SkipCounter,
     Tolerant,
     WebDatasetSamples,
     build_dataset,
@@ -188,12 +187,9 @@ def encode_dataset(
     bar = tqdm(total=total, unit="img", desc=f"encode -> {out_dir}", disable=not accelerator.is_main_process)
     empty = np.zeros((0, *tokenizer.grid), dtype)
     for shard in todo:
-        codes, captions, skipped = [empty], [], Counter()
+        codes, captions, skipped = [empty], [], SkipCounter()  # meta.json sums every shard's counts
         for batch in _shard_loader(dataset, shard, shard_size, batch_size, data_cfg):
-            for dropped in batch["skipped"]:
-                if not skipped[dropped.reason]:  # name the first of each reason; meta.json counts them all
-                    warnings.warn(f"skipping {dropped.message}", SkippedSampleWarning, stacklevel=2)
-                skipped[dropped.reason] += 1
+            skipped.record(batch["skipped"])
             if batch["image"] is not None:
                 codes.append(tokenizer.encode(batch["image"].to(accelerator.device)).cpu().numpy().astype(dtype))
                 captions += batch["caption"]

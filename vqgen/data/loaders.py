@@ -19,7 +19,7 @@ counted under the reasons of :data:`SKIP_REASONS`:
   damaged shard (``damaged_shard``, keeping the samples before the damage, and ``truncated``
   for the one cut mid-way) follow ``on_bad_sample``: ``"skip"`` or ``"error"`` (raise,
   naming the file); a sample that cannot be used raises :class:`BadSample` with its reason,
-  which the training batches catch and count (``vqgen.train.batches``);
+  which its reader turns into a :class:`Skipped` marker, counted by a :class:`SkipCounter`;
 * an image without a caption (``no_caption``) follows ``missing_caption``: ``"skip"``,
   ``"error"`` (raise, naming the file and the fix) or ``"empty"`` (an empty caption, for
   unconditional training).
@@ -36,7 +36,7 @@ import os
 import random
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,12 +47,12 @@ from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, IterableDataset
 
-from vqgen.config import ConfigError, DataConfig
+from vqgen.config import ConfigError, DataConfig, field_choices
 from vqgen.data.shapes import ShapesDataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MISSING_CAPTION_POLICIES = ("skip", "error", "empty")
-BAD_SAMPLE_POLICIES = ("skip", "error")
+# the choices of data.missing_caption and data.on_bad_sample, as DataConfig declares them
+POLICIES = {key: field_choices(DataConfig, key) for key in ("missing_caption", "on_bad_sample")}
 SKIP_REASONS = ("corrupt", "no_caption", "no_image", "damaged_shard", "truncated")
 # what PIL raises on truncated, garbage or hostile files (it uses SyntaxError for broken PNGs)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -81,6 +81,21 @@ class Skipped(NamedTuple):
     message: str
 
 
+class SkipCounter(Counter):
+    """Samples dropped, by reason. :meth:`record` counts :class:`Skipped` markers and names in a
+    :class:`SkippedSampleWarning` the first sample of each reason and every damaged shard (few,
+    and each loses the rest of a shard): a dataset with many bad samples does not flood the log."""
+
+    def record(self, skipped: Iterable[Skipped]) -> None:
+        for item in skipped:
+            if item.reason == "damaged_shard":
+                warnings.warn(f"skipping {item.message}", SkippedSampleWarning, stacklevel=2)
+            elif not self[item.reason]:
+                warnings.warn(f"skipping {item.message} (further '{item.reason}' samples are counted, not named)",
+                              SkippedSampleWarning, stacklevel=2)  # fmt: skip
+            self[item.reason] += 1
+
+
 def skip_or_raise(bad: BadSample, on_bad_sample: str) -> Skipped:
     """A :class:`BadSample` under the policy: :class:`Skipped` for ``"skip"``, a
     :class:`DataError` naming the sample and the fix for ``"error"``. An uncaptioned sample
@@ -106,7 +121,7 @@ class Tolerant(Dataset):
     """``dataset[i]``, or :class:`Skipped` for a sample that cannot be used (see :func:`skip_or_raise`)."""
 
     def __init__(self, dataset: Dataset, on_bad_sample: str = "skip"):
-        _check_policies("skip", on_bad_sample)
+        _check_policy("on_bad_sample", on_bad_sample)
         self.dataset, self.on_bad_sample = dataset, on_bad_sample
 
     def __len__(self) -> int:
@@ -159,13 +174,11 @@ def decode_image(source: str | Path | bytes, resolution: int, name: str | None =
         raise DataError(f"cannot read image {name}: {reason}") from e
 
 
-def _check_policies(missing_caption: str, on_bad_sample: str = "skip") -> None:
-    if missing_caption not in MISSING_CAPTION_POLICIES:
-        raise DataError(
-            f"missing_caption is {missing_caption!r}; choose one of {list(MISSING_CAPTION_POLICIES)}"
-        )
-    if on_bad_sample not in BAD_SAMPLE_POLICIES:
-        raise DataError(f"on_bad_sample is {on_bad_sample!r}; choose one of {list(BAD_SAMPLE_POLICIES)}")
+def _check_policy(key: str, value: str) -> None:
+    """``value`` is one of :data:`POLICIES` ``[key]``; the datasets check it, since they are built
+    without a config too."""
+    if value not in POLICIES[key]:
+        raise DataError(f"{key} is {value!r}; choose one of {list(POLICIES[key])}")
 
 
 def _skip_warning(message: str) -> None:
@@ -251,7 +264,7 @@ class ImageFolderDataset(Dataset):
         eval_fraction: float = 0.0,
         split: str = "train",
     ):
-        _check_policies(missing_caption)
+        _check_policy("missing_caption", missing_caption)
         if split not in ("train", "eval"):
             raise DataError(f"split is {split!r}; an image folder has the splits 'train' and 'eval'")
         if split == "eval" and not eval_fraction:
@@ -360,20 +373,17 @@ def shards_of(shards: Sequence[str], rank: int, world: int, slot: int, slots: in
     return list(shards[rank + world * slot :: world * slots])
 
 
-class WebDatasetSamples(IterableDataset):
-    """Streamed samples from tar shards in img2dataset's layout.
+class WebDatasetSamples:
+    """Tar shards in img2dataset's layout, read as undecoded records and decoded one by one.
 
     Each key ``KEY`` holds an image (``KEY.jpg``/``.jpeg``/``.png``/``.webp``/``.bmp``) and a caption,
-    ``KEY.txt`` or the ``caption``/``text`` field of ``KEY.json``. Iterating it directly splits
-    the shards across processes (``RANK``/``WORLD_SIZE`` or ``torch.distributed``, as Accelerate
-    sets them) and DataLoader workers, so every sample is read once per epoch across the whole
-    job, drops bad samples (counted in ``skipped``, with a warning each) and raises under
-    ``on_bad_sample="error"``. Training reads it through :meth:`stream` instead, a reproducible
-    record stream per reader (``vqgen.train.batches``).
+    ``KEY.txt`` or the ``caption``/``text`` field of ``KEY.json``. Training reads it through
+    :meth:`stream`, a reproducible record stream per reader (``vqgen.train.batches``); held-out
+    sets and encoding read shards in order through :class:`ShardSamples`. Both decode with
+    :meth:`decode_or_skip` and collect :meth:`newly_damaged` shards.
 
     ``shuffle`` > 0 shuffles the shard order (per epoch) and the samples within a buffer of that
-    many. The epoch advances on every iteration in this process; with non-persistent DataLoader
-    workers call :meth:`set_epoch` each epoch, as with ``DistributedSampler``.
+    many.
     """
 
     def __init__(
@@ -385,18 +395,16 @@ class WebDatasetSamples(IterableDataset):
         seed: int = 0,
         on_bad_sample: str = "skip",
     ):
-        _check_policies(missing_caption, on_bad_sample)
+        _check_policy("missing_caption", missing_caption)
+        _check_policy("on_bad_sample", on_bad_sample)
         if shuffle < 0:
             raise DataError(f"shuffle (data.shuffle_buffer) is {shuffle}; use 0 (off) or a buffer size in samples")
         self.shards = expand_shards(urls)
         self.resolution, self.missing_caption, self.on_bad_sample = resolution, missing_caption, on_bad_sample
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-        self.skipped: Counter[str] = Counter()  # reason -> samples (or shards) dropped in this process
-        self._damaged: set[str] = set()
+        self.shuffle, self.seed = shuffle, seed
+        self._damaged: set[str] = set()  # shards found damaged in this process
+        self._unreported: list[Skipped] = []  # ... and not yet handed out by newly_damaged()
         self._shard = ""
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def epoch_shards(self, epoch: int) -> list[str]:
         """The shard order of ``epoch``: shuffled alike in every process when ``shuffle`` > 0,
@@ -422,23 +430,11 @@ class WebDatasetSamples(IterableDataset):
             records = wds.shuffle(self.shuffle, rng=rng)(records)
         return records
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        rank, world_size, worker, workers = wds.utils.pytorch_worker_info()
-        if rank >= len(self.shards):
-            warnings.warn(
-                f"process {rank} of {world_size} gets no shard ({len(self.shards)} shards in all); "
-                "write at least as many shards as processes so every process has data",
-                stacklevel=2,
-            )
-        for raw in self.stream(rank, world_size, worker, workers, epoch):
-            sample = self.decode_or_skip(raw)
-            if isinstance(sample, Skipped):
-                self.skipped[sample.reason] += 1
-                if sample.reason not in ("no_caption", "truncated"):
-                    _skip_warning(f"skipping: {sample.message}")
-            else:
-                yield sample
+    def newly_damaged(self) -> list[Skipped]:
+        """A ``damaged_shard`` marker for each shard found damaged since the last call, to go
+        with the samples read (in DataLoader workers, this process's copy knows its own)."""
+        markers, self._unreported = self._unreported, []
+        return markers
 
     def _open_shards(self, sources: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
         # the stages downstream are lazy generators, so while they read a shard, it is the
@@ -457,15 +453,15 @@ class WebDatasetSamples(IterableDataset):
 
     def _on_shard_error(self, exn: Exception) -> bool:
         """A shard that cannot be opened or is damaged (truncated, empty, not a tar): under
-        ``on_bad_sample="skip"`` warn once, keep the samples read before the damage, and go on
-        with the next shard."""
-        message = f"shard {self._shard} is damaged: {type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+        ``on_bad_sample="skip"`` keep the samples read before the damage, mark the shard once for
+        :meth:`newly_damaged`, and go on with the next shard."""
+        cause = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
         if self.on_bad_sample == "error":
-            raise DataError(f"{message}; replace it, or set data.on_bad_sample=skip to skip its rest") from exn
+            raise DataError(f"shard {self._shard} is damaged: {cause}; replace it, or set data.on_bad_sample=skip "
+                            "to skip its rest") from exn  # fmt: skip
         if self._shard not in self._damaged:
             self._damaged.add(self._shard)
-            self.skipped["damaged_shard"] += 1
-            _skip_warning(f"skipping the rest of shard {self._shard}: {type(exn).__name__}: {exn.args[0]}")
+            self._unreported.append(Skipped("damaged_shard", f"the rest of shard {self._shard}: {cause}"))
         return True
 
     def _caption(self, raw: dict[str, Any], where: str) -> str:
@@ -515,32 +511,21 @@ class WebDatasetSamples(IterableDataset):
 
 class ShardSamples(IterableDataset):
     """The samples of ``shards`` in order (no split by rank or worker), :class:`Skipped` for
-    the dropped ones: what encoding one shard at a time reads."""
+    the dropped ones: what encoding one shard at a time and reading a held-out set read."""
 
     def __init__(self, samples: WebDatasetSamples, shards: Sequence[str]):
         self.samples, self.shards = samples, list(shards)
 
     def __iter__(self) -> Iterator[dict[str, Any] | Skipped]:
-        damaged = set(self.samples._damaged)
+        self.samples.newly_damaged()  # damage found before (in an earlier read) is not this read's
         for raw in self.samples.records(self.shards):
             yield self.samples.decode_or_skip(raw)
-        for url in sorted(self.samples._damaged - damaged):
-            yield Skipped("damaged_shard", f"the rest of shard {url} (damaged)")
+        yield from self.samples.newly_damaged()
 
 
-def webdataset_samples(
-    urls: str | Path | Sequence[str | Path],
-    resolution: int,
-    missing_caption: str = "skip",
-    shuffle: int = 0,
-    seed: int = 0,
-    on_bad_sample: str = "skip",
-) -> WebDatasetSamples:
-    """An IterableDataset over WebDataset shards; see :class:`WebDatasetSamples`."""
-    return WebDatasetSamples(urls, resolution, missing_caption, shuffle, seed, on_bad_sample)
-
-
-def readable_samples(dataset: Dataset, num: int, on_bad_sample: str = "skip") -> tuple[list[dict[str, Any]], Counter[str]]:
+def readable_samples(
+    dataset: Dataset | WebDatasetSamples, num: int, on_bad_sample: str = "skip"
+) -> tuple[list[dict[str, Any]], SkipCounter]:
     """The first ``num`` usable samples of a map-style dataset or of every shard of a
     :class:`WebDatasetSamples` (in order, not split by process), and the counts of those dropped
     on the way by reason: for small held-out sets, read once and kept."""
@@ -550,13 +535,12 @@ def readable_samples(dataset: Dataset, num: int, on_bad_sample: str = "skip") ->
         tolerant = Tolerant(dataset, on_bad_sample)
         items = (tolerant[i] for i in range(len(dataset)))
     samples: list[dict[str, Any]] = []
-    skipped: Counter[str] = Counter()
+    skipped = SkipCounter()
     for item in items:
         if len(samples) == num:
             break
         if isinstance(item, Skipped):
-            skipped[item.reason] += 1
-            _skip_warning(f"skipping {item.message}")
+            skipped.record([item])
         else:
             samples.append(item)
     return samples, skipped
@@ -587,7 +571,7 @@ def _config_shards(data_cfg: DataConfig, split: str) -> list[str]:
     return [s for s in shards if (s in held) == (split == "eval")]
 
 
-def _eval_path_dataset(data_cfg: DataConfig) -> Dataset:
+def _eval_path_dataset(data_cfg: DataConfig) -> Dataset | WebDatasetSamples:
     """``data.eval_path``: an image folder if it is a directory, else WebDataset shards."""
     path = os.path.expanduser(data_cfg.eval_path)
     try:
@@ -598,7 +582,7 @@ def _eval_path_dataset(data_cfg: DataConfig) -> Dataset:
         raise ConfigError(f"config key 'data.eval_path': {e}") from e
 
 
-def build_dataset(data_cfg: DataConfig, split: str = "train") -> Dataset:
+def build_dataset(data_cfg: DataConfig, split: str = "train") -> Dataset | WebDatasetSamples:
     """The dataset ``data.kind`` names: ``shapes``, ``folder`` or ``webdataset``.
 
     Real data has the splits ``train`` and ``eval`` (held out: ``data.eval_path``, or the
@@ -608,9 +592,6 @@ def build_dataset(data_cfg: DataConfig, split: str = "train") -> Dataset:
         return ShapesDataset.from_config(data_cfg, split=split)
     if data_cfg.kind not in ("folder", "webdataset"):
         raise ConfigError(f"config key 'data.kind' is {data_cfg.kind!r}; choose one of shapes, folder, webdataset")
-    for key, choices in (("missing_caption", MISSING_CAPTION_POLICIES), ("on_bad_sample", BAD_SAMPLE_POLICIES)):
-        if getattr(data_cfg, key) not in choices:
-            raise ConfigError(f"config key 'data.{key}' is {getattr(data_cfg, key)!r}; choose one of {list(choices)}")
     if split not in ("train", "eval"):
         raise ConfigError(
             f"data.kind={data_cfg.kind} has the splits 'train' and 'eval', not {split!r} "

@@ -21,8 +21,8 @@ starts a new one there.
 A sample that cannot be used (unreadable image, damaged shard, missing caption under
 ``missing_caption=skip``) leaves its batch one smaller: it is never replaced by another sample,
 which would train on that one twice. ``skipped`` counts them by reason in this process since
-the run (re)started (the loop sums them over processes into its logs); the first of each
-reason is named in a warning.
+the run (re)started (the loop sums them over processes into its logs), in a
+:class:`~vqgen.data.loaders.SkipCounter`, which names the first of each reason in a warning.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from vqgen.config import ConfigError
 from vqgen.data.loaders import (
     SKIP_REASONS,
     DataError,
-    SkippedSampleWarning,
+    SkipCounter,
     Skipped,
     Tolerant,
     WebDatasetSamples,
@@ -57,7 +57,7 @@ class LoaderBatches(abc.ABC):
         if num_workers < 0:
             raise ConfigError(f"config key 'data.num_workers' is {num_workers}; use 0 (decode in this process) or more")
         self.batch_size, self.num_workers, self.device = batch_size, num_workers, torch.device(device)
-        self.skipped: Counter[str] = Counter({reason: 0 for reason in SKIP_REASONS})
+        self.skipped = SkipCounter(dict.fromkeys(SKIP_REASONS, 0))  # every reason, so all processes sum the same keys
         self._batches: Iterator[dict[str, Any]] | None = None
         self._next: tuple[int, int, int] | None = None
 
@@ -71,14 +71,7 @@ class LoaderBatches(abc.ABC):
             self._batches = iter(self.loader(i, rank, world))
         batch = next(self._batches)
         self._next = (i + 1, rank, world)
-        for skipped in batch.pop("skipped"):
-            if not self.skipped[skipped.reason]:
-                warnings.warn(
-                    f"skipping {skipped.message} (further '{skipped.reason}' samples are counted, not named)",
-                    SkippedSampleWarning,
-                    stacklevel=2,
-                )
-            self.skipped[skipped.reason] += 1
+        self.skipped.record(batch.pop("skipped"))
         if batch["image"] is None:
             raise DataError(
                 f"no sample of micro-step {i} on process {rank} can be used (all {self.batch_size} were dropped); "
@@ -156,15 +149,12 @@ class _ShardReaders(IterableDataset):
         first = self.start + (info.id if info is not None else 0)  # this worker's first micro-step
         slot, position = first % self.slots, (first // self.slots) * self.batch_size
         records = itertools.islice(self._records(slot), position, None)  # fast-forward: no decoding
-        reported = set(self.samples._damaged)
+        self.samples.newly_damaged()  # damage found before (in an earlier read) is not this read's
         while True:
             items: list[dict[str, Any] | Skipped] = [
                 self.samples.decode_or_skip(raw) for raw in itertools.islice(records, self.batch_size)
             ]
-            items += [Skipped("damaged_shard", f"the rest of shard {url} (damaged)")
-                      for url in sorted(self.samples._damaged - reported)]  # fmt: skip
-            reported |= self.samples._damaged
-            yield collate_usable(items)
+            yield collate_usable(items + self.samples.newly_damaged())
 
 
 class ShardBatches(LoaderBatches):
