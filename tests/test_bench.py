@@ -1,4 +1,6 @@
+import contextlib
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,10 +25,58 @@ MICRO = ["--dim", "32", "--depth", "2", "--heads", "2", "--tokens", "16", "--bat
          "--repeats", "1", "--warmup", "0", "--threads", "1", "--text-len", "5"]
 
 
+# what one generation of each contestant takes on the bench's clock in these tests
+SECONDS = {"vqgen": 2.0, "vqgen_int8": 0.5, "vqgen_spec": 0.4, "no_cache": 8.0, "vqgen_prefix": 0.25, "hf": 3.0}
+
+
+@contextlib.contextmanager
+def scripted_seconds():
+    """The bench's clock advances by ``SECONDS[contestant]`` per generation and by nothing else,
+    so every time, rate and ratio it reports is known in advance. Which contestant runs is told
+    by what ``generate`` is given (the int8 copy, the prefix model, its options). Yields the list
+    of ``(contestant, speculative window)`` of every generation."""
+    now, calls = 0.0, []
+    int8, prefix = set(), set()
+    real = SimpleNamespace(generate=bench.generate, hf=bench.hf_generate, quantize=bench.quantize, on_grid=bench.on_grid)
+
+    def ran(name: str, window: int = 0) -> None:
+        nonlocal now
+        now += SECONDS[name]
+        calls.append((name, window))
+
+    def generate(model, *args, speculative: int = 0, use_cache: bool = True, **options):
+        codes = real.generate(model, *args, speculative=speculative, use_cache=use_cache, **options)
+        name = ("no_cache" if not use_cache else "vqgen_spec" if speculative else "vqgen_int8" if id(model) in int8
+                else "vqgen_prefix" if id(model) in prefix else "vqgen")  # fmt: skip
+        ran(name, speculative)
+        return codes
+
+    def hf_generate(*args, **kwargs):
+        ids = real.hf(*args, **kwargs)
+        ran("hf")
+        return ids
+
+    def tagged(make, tags: set):
+        def wrapper(*args, **kwargs):
+            model = make(*args, **kwargs)
+            tags.add(id(model))
+            return model
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now))
+        mp.setattr(bench, "generate", generate)
+        mp.setattr(bench, "hf_generate", hf_generate)
+        mp.setattr(bench, "quantize", tagged(real.quantize, int8))
+        mp.setattr(bench, "on_grid", tagged(real.on_grid, prefix))
+        yield calls
+
+
 @pytest.fixture(scope="module")
 def cli_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "micro.json"
-    assert main(["sampling", *MICRO, "--no-cache-tokens", "8", "--quantize", "int8", "--json", str(out)]) == 0
+    with scripted_seconds():
+        assert main(["sampling", *MICRO, "--no-cache-tokens", "8", "--quantize", "int8", "--json", str(out)]) == 0
     return json.loads(out.read_text())
 
 
@@ -39,13 +89,12 @@ def test_json_schema_and_every_contestant_generated_the_requested_tokens(cli_res
     # the baseline ran the 2-row raster prefix and is compared with the cached sampler on it
     tokens = {name: entry["tokens"] for name, entry in r["results"].items()}
     assert tokens == {"vqgen": 16, "vqgen_int8": 16, "no_cache": 8, "vqgen_prefix": 8, "hf": 16}
-    for entry in r["results"].values():
-        assert entry["tokens_per_s"] == pytest.approx(2 * entry["tokens"] / entry["seconds"])
-        assert entry["s_per_image"] == pytest.approx(entry["seconds"] / 2)
-    res = r["results"]
-    assert r["ratios"]["vs_hf"] == pytest.approx(res["hf"]["seconds"] / res["vqgen"]["seconds"])
-    assert r["ratios"]["vs_no_cache"] == pytest.approx(res["no_cache"]["seconds"] / res["vqgen_prefix"]["seconds"])
-    assert r["ratios"]["int8_vs_hf"] == pytest.approx(res["hf"]["seconds"] / res["vqgen_int8"]["seconds"])
+    # 2 images of 16 (or 8) tokens in SECONDS[name]: image tokens per second, and seconds per image
+    rates = {name: (entry["tokens_per_s"], entry["s_per_image"]) for name, entry in r["results"].items()}
+    assert rates == pytest.approx({"vqgen": (16.0, 1.0), "vqgen_int8": (64.0, 0.25), "no_cache": (2.0, 4.0),
+                                   "vqgen_prefix": (64.0, 0.125), "hf": (32 / 3, 1.5)})  # fmt: skip
+    # vs_hf = 3 s / 2 s, vs_no_cache = 8 s / 0.25 s (both on the prefix), int8: 3 s / 0.5 s and 2 s / 0.5 s
+    assert r["ratios"] == pytest.approx({"vs_hf": 1.5, "vs_no_cache": 32.0, "int8_vs_hf": 6.0, "int8_vs_vqgen": 4.0})
     assert r["quantize"] == "int8-dynamic"  # int8 on a CPU: dynamic activation quantization
     assert any("first 8 tokens (a 2x4 raster prefix)" in note for note in r["notes"])
     cpu = r["cpu"]
@@ -128,18 +177,28 @@ def test_no_guidance_runs_one_stream_per_image():
     assert {name: e["tokens"] for name, e in r["results"].items()} == {"vqgen": 4, "no_cache": 4, "hf": 4}
 
 
-def test_contestants_run_interleaved_in_rotating_order():
-    calls = []
+def test_contestants_run_interleaved_in_rotating_order_and_report_the_median(monkeypatch):
+    calls, now = [], [0.0]
+    durations = {"vqgen": [9.0, 1.0, 4.0, 2.0], "vqgen_int8": [9.0, 3.0, 1.0, 2.0], "hf": [9.0, 6.0, 6.0, 5.0]}
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
 
     def contestant(name: str) -> Contestant:
-        return Contestant(name, lambda: calls.append(name) or torch.zeros(2, 9), lambda codes: codes.shape[1])
+        def run() -> torch.Tensor:
+            now[0] += durations[name][sum(c == name for c in calls)]
+            calls.append(name)
+            return torch.zeros(2, 9)
+        return Contestant(name, run, lambda codes: codes.shape[1])
 
-    spec = BenchSpec(repeats=3, warmup=1, threads=1).resolve()
+    spec = BenchSpec(repeats=3, warmup=1, threads=1, batch=2).resolve()
     results = interleaved([contestant("vqgen"), contestant("vqgen_int8"), contestant("hf")], spec)
     rounds = [calls[i : i + 3] for i in range(0, 12, 3)]
     assert rounds == [["vqgen", "vqgen_int8", "hf"], ["vqgen_int8", "hf", "vqgen"], ["hf", "vqgen", "vqgen_int8"],
                       ["vqgen", "vqgen_int8", "hf"]]  # warm-up round, then each contestant starts a round in turn
-    assert all(len(r["runs"]) == 3 and r["tokens"] == 9 for r in results.values())
+    # the warm-up (9 s) is not timed; the median of the timed runs is reported, every run kept
+    assert {name: (r["runs"], r["seconds"]) for name, r in results.items()} == {
+        "vqgen": ([1.0, 4.0, 2.0], 2.0), "vqgen_int8": ([3.0, 1.0, 2.0], 2.0), "hf": ([6.0, 6.0, 5.0], 6.0),
+    }  # fmt: skip
+    assert results["hf"]["tokens_per_s"] == 2 * 9 / 6.0 and results["hf"]["s_per_image"] == 3.0
 
 
 def test_hf_guided_draw_gives_both_rows_of_an_image_one_code_from_the_guided_distribution():
@@ -159,19 +218,13 @@ def test_hf_guided_draw_gives_both_rows_of_an_image_one_code_from_the_guided_dis
     assert 0.62 < (codes[:, 1] == 7).float().mean() < 0.76
 
 
-def test_speculative_contestant_passes_the_window_to_generate(monkeypatch):
-    windows = []
-
-    def generate_with_window(*args, speculative: int | None = None, **kwargs):
-        windows.append(speculative)
-        return bench_generate(*args, **kwargs)
-
-    bench_generate = bench.generate
-    monkeypatch.setattr(bench, "generate", generate_with_window)
-    r = run_sampling_bench(BenchSpec(dim=32, depth=1, heads=2, tokens=4, batch=1, speculative=3, repeats=1, warmup=0, threads=1))
+def test_speculative_contestant_passes_the_window_to_generate():
+    with scripted_seconds() as calls:
+        r = run_sampling_bench(BenchSpec(dim=32, depth=1, heads=2, tokens=4, batch=1, speculative=3, repeats=1,
+                                         warmup=0, threads=1))  # fmt: skip
     assert r["speculative"] == 3 and r["results"]["vqgen_spec"]["tokens"] == 4
-    assert r["ratios"]["spec_vs_hf"] == pytest.approx(r["results"]["hf"]["seconds"] / r["results"]["vqgen_spec"]["seconds"])
-    assert 3 in windows  # the speculative run got its window; the others ran plain (None)
+    assert r["ratios"]["spec_vs_hf"] == pytest.approx(3.0 / 0.4)
+    assert sorted(calls) == [("hf", 0), ("no_cache", 0), ("vqgen", 0), ("vqgen_spec", 3)]  # only it got the window
 
 
 def test_speculative_needs_a_generate_that_takes_it(monkeypatch):

@@ -3,10 +3,12 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import vqgen.bench.speculative as bench
 from vqgen.bench.__main__ import main
 from vqgen.config import load_config
 
@@ -32,17 +34,43 @@ def checkpoint(tmp_path_factory) -> Path:
     return run / "transformer"
 
 
-def test_report_compares_forwards_time_and_adherence(checkpoint, tmp_path, capsys):
+# what one generation (of one chunk of prompts) takes on the bench's clock in this test
+SECONDS = {"plain": 2.0, "spec": 0.5}
+
+
+def test_report_compares_forwards_time_and_adherence(checkpoint, tmp_path, capsys, monkeypatch):
+    """The bench's clock advances by SECONDS per generation, and a hook on the model's head counts
+    the forwards of every single-image generation, so the report's times and ratios are known."""
+    now, forwards = [0.0], {"plain": [], "spec": []}
+    real_generate = bench.generate
+
+    def generate(model, *args, speculative: int = 0, **options):
+        heads = []
+        hook = model.head.register_forward_hook(lambda *_: heads.append(1))
+        try:
+            codes, per_image = real_generate(model, *args, speculative=speculative, **options)
+        finally:
+            hook.remove()
+        sampler = "spec" if speculative else "plain"
+        now[0] += SECONDS[sampler]
+        if len(codes) == 1:
+            forwards[sampler].append(len(heads))
+        return codes, per_image
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(bench, "generate", generate)
     out = tmp_path / "spec.json"
     assert main(["speculative", "--checkpoint", str(checkpoint), "--num-prompts", "3", "--window", "4",
                  "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     n = r["grid"][0] * r["grid"][1]
-    assert r["forwards_per_image"]["plain"] == n
-    assert n / 4 <= r["forwards_per_image"]["spec"] <= n
-    assert r["passes_ratio_b1"] == pytest.approx(n / r["forwards_per_image"]["spec"])
-    for b in (1, 8):
-        assert r[f"wall_ratio_b{b}"] == pytest.approx(r[f"seconds_b{b}"]["plain"] / r[f"seconds_b{b}"]["spec"])
+    # batch 1: 3 chunks per set, 2 sets; batch 8: 1 chunk per set
+    assert r["seconds_b1"] == {"plain": 12.0, "spec": 3.0} and r["seconds_b8"] == {"plain": 4.0, "spec": 1.0}
+    assert r["wall_ratio_b1"] == r["wall_ratio_b8"] == 4.0
+    assert forwards["plain"] == [n] * 6  # one forward per code
+    assert len(forwards["spec"]) == 6 and all(n / 4 <= f <= n for f in forwards["spec"])  # up to 4 codes a forward
+    assert r["forwards_per_image"] == pytest.approx({"plain": n, "spec": sum(forwards["spec"]) / 6})
+    assert r["passes_ratio_b1"] == pytest.approx(6 * n / sum(forwards["spec"]))
     for name in ("single", "two"):
         assert r["sets"][name]["batch_independent"]  # an image is the same at batch 1 and 8
         for sampler in ("plain", "spec"):
