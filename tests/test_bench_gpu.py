@@ -65,6 +65,7 @@ def test_every_section_reports_real_values(smoke):
     assert compiled["images_fp32_tiny"]["images_equal"] == compiled["images_fp32_tiny"]["images"] == 4
     assert compiled["recompiles"]["new_graphs"] == 0 and len(compiled["recompiles"]["prompt_lengths"]) == 5
     assert compiled["cuda_graphs"] == {"replays": 0, "decode_steps": 64, "expected": 0, "skipped": 0}  # no CUDA here
+    assert compiled["recompiles"]["warmup_lengths"] == [6]
 
     for name in ("train_demo", "train_B"):
         v = sections[name]["values"]
@@ -138,7 +139,6 @@ def test_a_section_over_its_limit_is_stopped_with_its_children(tmp_path):
     entry = json.loads((out / "gpu_check.json").read_text())["sections"]["tests"]
     assert entry["status"] == "timeout" and "limit of 3 s" in entry["error"]
     assert entry["seconds"] < 15  # pytest, the section's own child, was stopped too
-    assert entry["values"]["command"].startswith("pytest -m 'device and not slow' --device cpu")  # what it had recorded
 
 
 def test_bad_options_name_the_problem(capsys):

@@ -14,11 +14,12 @@ Sections, in the order they run (``--sections`` picks some):
                     over 5 prompts of other text lengths after warm-up, CUDA-graph replays
     train_demo      50 steps of the demo's transformer in bf16, through the training loop
     train_B         50 steps of a B-size transformer in bf16, through the training loop
-    decode_B/L/XL   the sampling benchmark at random weights, 256 tokens, guidance, batch 1
+    decode_B        the sampling benchmark at random weights, 256 tokens, guidance, batch 1
                     and 64: eager, compiled, speculative W = 16, int8, HF ``generate()`` with
                     its static cache; ms per image beside the weight-read floor
     speculative     speculative W = 16 against plain decoding on a trained checkpoint
     serve           the serving load benchmark (``python -m vqgen.bench serve``), once it exists
+    decode_L/XL     as decode_B, last: they get the time the sections before them left
 
 Each section runs in a process of its own, with a time limit, so a crash (a CUDA error leaves
 its process's context unusable), a hang or a long compile costs that section only: its
@@ -237,6 +238,10 @@ def agreement(eager: Tensor, compiled: Tensor) -> dict[str, Any]:
 
 
 def compile_section(opts: Options, rec: Recorder) -> None:
+    """One prompt's images (IMAGES of them, one seed each) eager and compiled, for each model;
+    then, on the last model, prompts of other text lengths at the same shape: they reuse the
+    step recorded for their text bucket (powers of two from 8), so after one warm-up per bucket
+    dynamo should record no new graph, and on a GPU each decode step replays one CUDA graph."""
     from torch._dynamo.utils import counters
 
     from vqgen.sampling import generate
@@ -246,32 +251,34 @@ def compile_section(opts: Options, rec: Recorder) -> None:
     micro = dict(dim=64, depth=2, heads=2, tokens=64) if opts.quick else {}
     if opts.quick:  # dynamo alone (graph capture, guards, recompiles): inductor's C++ build is a CPU smoke run's minutes
         torch.compile = functools.partial(torch.compile, backend="eager")
-    models = [("fp32", "tiny")] if opts.quick else [("fp32", "tiny"), ("bf16", "B")]
-    for dtype, size in models:  # the last one is also the recompile and replay check's model
-        spec = BenchSpec(size=size, dtype=dtype, device=opts.device, **micro).resolve()
-        model = vqgen_model(spec)
-        random_head(model)
-        text, mask = random_text(4 if opts.quick else 8, 6, device, DTYPES[dtype], seed=1)
-        eager = generate(model, text, mask, cfg_scale=GUIDANCE, seeds=0)
-        compiled = generate(model, text, mask, cfg_scale=GUIDANCE, seeds=0, compile=True)
-        rec.put(f"images_{dtype}_{size}", agreement(eager, compiled))
+    images = 4 if opts.quick else 8
 
-    # prompts of other lengths reuse the step recorded for their text bucket (powers of two from 8)
-    warmup, lengths = ((3,), (1, 2, 4, 5, 6)) if opts.quick else ((4, 12), (2, 5, 7, 10, 15))
+    def sample(model: torch.nn.Module, length: int, seed: int, **options) -> Tensor:
+        """``images`` images of one random caption of ``length`` tokens -> codes [images, h, w]."""
+        text, mask = random_text(1, length, device, model.bos.dtype, seed)
+        return generate(model, text, mask, num_images=images, cfg_scale=GUIDANCE, seeds=0, **options)
+
+    for dtype, size in [("fp32", "tiny")] if opts.quick else [("fp32", "tiny"), ("bf16", "B")]:
+        model = vqgen_model(BenchSpec(size=size, dtype=dtype, device=opts.device, **micro).resolve())
+        random_head(model)
+        rec.put(f"images_{dtype}_{size}", agreement(sample(model, 6, seed=1), sample(model, 6, seed=1, compile=True)))
+
+    # the last model from here on
+    warmup, lengths = ((), (1, 2, 4, 5, 7)) if opts.quick else ((12,), (2, 5, 7, 10, 15))  # length 6 warmed bucket 8
     for length in warmup:
-        generate(model, *random_text(1, length, device, DTYPES[dtype], seed=length), cfg_scale=GUIDANCE, compile=True)
+        sample(model, length, seed=length, compile=True)
     graphs = counters["stats"]["unique_graphs"]
     for length in lengths:
-        generate(model, *random_text(1, length, device, DTYPES[dtype], seed=100 + length), cfg_scale=GUIDANCE, compile=True)
+        sample(model, length, seed=100 + length, compile=True)
     rec.put("recompiles", {"new_graphs": counters["stats"]["unique_graphs"] - graphs, "prompt_lengths": list(lengths),
-                           "warmup_lengths": list(warmup), "model": f"{size} {dtype}"})
+                           "warmup_lengths": [6, *warmup], "model": f"{size} {dtype}"})
 
-    steps = model.cfg.seq_len
     replays = 0
     if device.type == "cuda":
         with counting_graph_replays() as count:
-            generate(model, *random_text(1, 5, device, DTYPES[dtype], seed=7), cfg_scale=GUIDANCE, compile=True)
+            sample(model, 5, seed=7, compile=True)
         replays = count[0]
+    steps = model.cfg.seq_len
     rec.put("cuda_graphs", {"replays": replays, "decode_steps": steps, "expected": steps if device.type == "cuda" else 0,
                             "skipped": int(counters["inductor"]["cudagraph_skips"])})
 
@@ -425,16 +432,17 @@ class Section:
 
 
 SECTIONS = {s.name: s for s in (
-    Section("device", device_section, 15, 15),
-    Section("tests", tests_section, 75, 40),
-    Section("compile", compile_section, 70, 60),
-    Section("train_demo", train_demo_section, 25, 20),
-    Section("train_B", train_b_section, 40, 20),
-    Section("decode_B", lambda o, r: decode("B", o, r), 90, 30),
-    Section("decode_L", lambda o, r: decode("L", o, r), 50, 30),
-    Section("decode_XL", lambda o, r: decode("XL", o, r), 55, 30),
-    Section("speculative", speculative_section, 25, 30, speculative_unavailable),
+    Section("device", device_section, 10, 15),
+    Section("tests", tests_section, 60, 40),
+    Section("compile", compile_section, 75, 40),
+    Section("train_demo", train_demo_section, 20, 20),
+    Section("train_B", train_b_section, 35, 20),
+    Section("decode_B", lambda o, r: decode("B", o, r), 160, 30),  # the targets' size: its compiles take most
+    Section("speculative", speculative_section, 20, 30, speculative_unavailable),
     Section("serve", serve_section, 5, 15, serve_unavailable),
+    # last, so that they get what the sections before them left; `--sections decode_L,decode_XL` reruns them
+    Section("decode_L", lambda o, r: decode("L", o, r), 30, 30),
+    Section("decode_XL", lambda o, r: decode("XL", o, r), 35, 30),
 )}
 GPU_BUDGET = sum(s.seconds for s in SECTIONS.values())  # 450 s: within 8 minutes with the processes' start-up
 
