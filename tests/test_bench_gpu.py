@@ -118,7 +118,7 @@ def test_the_markdown_report_has_a_row_per_section_and_per_decode_run(smoke):
         for batch in (1, 2):
             assert any(row.startswith(f"| {size} | {batch} | ") for row in rows)
     assert "| tests | ok |" in markdown and "exactness 5/5" in markdown
-    assert "| decode B, batch 64: >= 4x HF generate() throughput | n/a  | not measured |" in markdown
+    assert "| decode B, batch 64: >= 4x HF generate() throughput | n/a | not measured |" in markdown
 
 
 def test_a_failing_section_is_recorded_and_the_next_one_runs(tmp_path):
