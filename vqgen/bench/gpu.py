@@ -237,7 +237,7 @@ def agreement(eager: Tensor, compiled: Tensor) -> dict[str, Any]:
 
 
 def compile_section(opts: Options, rec: Recorder) -> None:
-    """One prompt's images (IMAGES of them, one seed each) eager and compiled, for each model;
+    """One prompt's ``images`` images (one seed each) eager and compiled, for each model;
     then, on the last model, prompts of other text lengths at the same shape: they reuse the
     step recorded for their text bucket (powers of two from 8), so after one warm-up per bucket
     dynamo should record no new graph, and on a GPU each decode step replays one CUDA graph."""
