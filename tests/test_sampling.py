@@ -60,6 +60,7 @@ def loaded_decoder(model, text, mask, length=N, dtype=torch.float32):
 
 
 def on(device, *tensors):
+    """The tensors moved to the test's ``device`` (``--device``)."""
     return [t.to(device) for t in tensors]
 
 
