@@ -377,8 +377,7 @@ def decode(size: str, opts: Options, rec: Recorder) -> None:
             "floor_ms_per_image": floor_ms, "weight_bytes": weight_bytes, "tokens": result["tokens"],
             "ms_per_image": {k: r["s_per_image"] * 1e3 for k, r in result["results"].items()},
             "over_floor": {k: r["s_per_image"] * 1e3 / floor_ms for k, r in result["results"].items()},
-            "ratios": result["ratios"], "hf_cache": result["hf_cache"], "hf_compiled": result["hf_compiled"], "shape": result["shape"],
-            "quantize": result["quantize"], "notes": result["notes"],
+            **{k: result[k] for k in ("ratios", "hf_cache", "hf_compiled", "shape", "quantize", "notes")},
         })
 
 
@@ -518,8 +517,9 @@ def run_gpu_check(opts: Options, out: Path, budget: float | None = None, names: 
     """Every section of ``names`` (default all) under ``budget`` seconds -> the report, also
     written to ``out/gpu_check.json`` and ``out/gpu_check.md`` after each section."""
     chosen = [SECTIONS[n] for n in names or SECTIONS]
-    limits = [s.quick_seconds if opts.quick else s.seconds for s in chosen]
-    budget = budget or sum(limits)
+    shares = [s.quick_seconds if opts.quick else s.seconds for s in chosen]
+    budget = budget or sum(shares)
+    limits = [share * budget / sum(shares) for share in shares]
     out.mkdir(parents=True, exist_ok=True)
     stamp = {"device": device_name(opts.device), "torch": torch.__version__, "commit": commit()}
     report: dict[str, Any] = {
@@ -569,8 +569,8 @@ def targets(sections: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each with the measured value (None: not measured in this run)."""
     b1 = _get(sections, "decode_B", "values", "batch_1")
     b64 = _get(sections, "decode_B", "values", "batch_64")
-    best_b1 = min((b1["over_floor"][k] for k in ("vqgen", "vqgen_compiled") if k in b1["over_floor"]), default=None) if b1 else None
-    b64_vs_hf = max((b64["ratios"][k] for k in ("vs_hf", "compiled_vs_hf") if k in b64["ratios"]), default=None) if b64 else None
+    best_b1 = min(v for k, v in b1["over_floor"].items() if k in ("vqgen", "vqgen_compiled")) if b1 else None
+    b64_vs_hf = max(v for k, v in b64["ratios"].items() if k in ("vs_hf", "compiled_vs_hf")) if b64 else None
     new_graphs = _get(sections, "compile", "values", "recompiles", "new_graphs")
     rows = [
         ("decode B, batch 1: ms per image within 3x the weight-read floor", best_b1, lambda v: v <= 3, "x floor"),
@@ -655,7 +655,8 @@ def format_markdown(report: dict[str, Any]) -> str:
                   "| size | batch | floor | " + " | ".join(contestants) + " |",
                   "|---|---|---|" + "---|" * len(contestants)]
         for name, key, b in decode_rows:
-            cells = [f"{b['ms_per_image'][c]:.3g} ({b['over_floor'][c]:.1f}x)" if c in b["ms_per_image"] else "" for c in contestants]
+            cells = [f"{b['ms_per_image'][c]:.3g} ({b['over_floor'][c]:.1f}x)" if c in b["ms_per_image"] else ""
+                     for c in contestants]
             lines.append(f"| {name.removeprefix('decode_')} | {key.removeprefix('batch_')} | {b['floor_ms_per_image']:.3g} | "
                          + " | ".join(cells) + " |")
 
@@ -676,7 +677,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: the smoke run)")
     parser.add_argument("--quick", action="store_true", help="every section at the smallest sizes (the CPU smoke run)")
     parser.add_argument("--out", type=Path, help="where gpu_check.json/.md/.log go (default $OUT if set, else runs/gpu_check)")
-    parser.add_argument("--budget", type=float, help=f"seconds for all sections (default the sum of their limits: {GPU_BUDGET:.0f} on a GPU)")
+    parser.add_argument("--budget", type=float,
+                        help=f"seconds for all sections (default the sum of their limits: {GPU_BUDGET:.0f} on a GPU)")
     parser.add_argument("--sections", help=f"comma-separated, of {','.join(SECTIONS)} (default all)")
     parser.add_argument("--checkpoint", type=Path, help="a trained transformer directory for the speculative section")
     parser.add_argument("--section", help=argparse.SUPPRESS)  # a child process: run this one section
