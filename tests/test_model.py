@@ -31,9 +31,9 @@ def batch(b: int = 3, length: int = 5):
 
 
 @pytest.mark.parametrize("kv_heads, text_depth", [(4, 0), (2, 0), (4, 2)])
-def test_causality(kv_heads, text_depth):
-    model = small_model(kv_heads, text_depth=text_depth)
-    codes, text, mask = batch()
+def test_causality(kv_heads, text_depth, device):
+    model = small_model(kv_heads, text_depth=text_depth).to(device)
+    codes, text, mask = (t.to(device) for t in batch())
     logits = model(codes, text, mask)
     for t in (0, 5, 14):
         changed = codes.clone()
@@ -60,10 +60,10 @@ def test_text_padding_does_not_change_logits(text_depth):
 
 
 @pytest.mark.parametrize("text_depth", [0, 2])
-def test_dropped_and_empty_captions_ignore_the_text(text_depth):
-    model = small_model(text_depth=text_depth)
-    codes, text, mask = batch()
-    drop = torch.tensor([True, False, True])
+def test_dropped_and_empty_captions_ignore_the_text(text_depth, device):
+    model = small_model(text_depth=text_depth).to(device)
+    codes, text, mask = (t.to(device) for t in batch())
+    drop = torch.tensor([True, False, True], device=device)
     a = model(codes, text, mask, drop_cond=drop)
     b = model(codes, torch.randn_like(text), mask, drop_cond=drop)
     torch.testing.assert_close(a[drop], b[drop])

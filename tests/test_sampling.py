@@ -42,8 +42,8 @@ def prompts(p: int = 3, length: int = 5):
 @torch.no_grad()
 def reference_sample(model, text, mask, seeds, cfg_scale=1.0, greedy=False):
     """The plainest possible sampler: full forward passes, guidance mixed by hand."""
-    u = draw_uniforms(seeds, N)
-    codes = torch.zeros(len(seeds), N, dtype=torch.long)
+    u = draw_uniforms(seeds, N).to(text.device)
+    codes = torch.zeros(len(seeds), N, dtype=torch.long, device=text.device)
     for t in range(N):
         cond = model(codes, text, mask)[:, t]
         uncond = model(codes, text, torch.zeros_like(mask))[:, t]
@@ -59,6 +59,11 @@ def loaded_decoder(model, text, mask, length=N, dtype=torch.float32):
     return decoder
 
 
+def on(device, *tensors):
+    """The tensors moved to the test's ``device`` (``--device``)."""
+    return [t.to(device) for t in tensors]
+
+
 def inputs_before(codes):
     """The code before each position (position 0's entry is ignored: the start embedding goes in)."""
     return torch.cat([codes[:, :1], codes[:, :-1]], dim=1)
@@ -66,16 +71,16 @@ def inputs_before(codes):
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("static", [False, True], ids=["filled-prefix", "static-masked"])
-def test_cached_steps_match_the_full_forward(kv_heads, static):
-    model = small_model(kv_heads)
-    text, mask = prompts()
-    codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
+def test_cached_steps_match_the_full_forward(kv_heads, static, device):
+    model = small_model(kv_heads).to(device)
+    text, mask = on(device, *prompts())
+    codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
         full = model(codes, text, mask)  # [B, N, V]
         decoder = loaded_decoder(model, text, mask)
         before = inputs_before(codes)
         for t in range(N):
-            pos = torch.tensor([t]) if static else t
+            pos = torch.tensor([t], device=device) if static else t
             step = model.decode_step(before[:, t : t + 1], pos, decoder.layers)  # [B, 1, V]
             torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
@@ -120,9 +125,9 @@ def test_rows_at_different_positions_and_rewritten_windows_match_the_full_forwar
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-def test_generate_matches_a_reference_sampler(cfg_scale):
-    model = small_model(kv_heads=2)
-    text, mask = prompts()
+def test_generate_matches_a_reference_sampler(cfg_scale, device):
+    model = small_model(kv_heads=2).to(device)
+    text, mask = on(device, *prompts())
     seeds = torch.tensor([5, 6, 7])
     expected = reference_sample(model, text, mask, seeds, cfg_scale)
     torch.testing.assert_close(generate(model, text, mask, cfg_scale=cfg_scale, seeds=seeds), expected, rtol=0, atol=0)
@@ -156,9 +161,9 @@ def test_seeds_make_generation_reproducible():
     assert torch.equal(a, generate(model, text, mask, num_images=2, seeds=explicit, temperature=1.5))
 
 
-def test_batched_prompts_equal_prompts_one_by_one():
-    model = small_model(kv_heads=2)
-    text, mask = prompts()
+def test_batched_prompts_equal_prompts_one_by_one(device):
+    model = small_model(kv_heads=2).to(device)
+    text, mask = on(device, *prompts())
     opts = dict(num_images=2, cfg_scale=2.5, top_k=20, top_p=0.9, temperature=0.9, seeds=4)
     batched = generate(model, text, mask, **opts)
     alone = torch.cat([generate(model, text[i : i + 1], mask[i : i + 1], **opts) for i in range(3)])
@@ -226,9 +231,9 @@ def test_generate_leaves_training_mode_and_reads_the_config():
 
 
 @pytest.mark.slow
-def test_compiled_decode_matches_eager():
-    model = small_model(kv_heads=2)
-    text, mask = prompts()
+def test_compiled_decode_matches_eager(device):
+    model = small_model(kv_heads=2).to(device)
+    text, mask = on(device, *prompts())
     eager = generate(model, text, mask, cfg_scale=2.0, top_k=10, seeds=1)
     assert torch.equal(generate(model, text, mask, cfg_scale=2.0, top_k=10, seeds=1, compile=True), eager)
 
@@ -258,7 +263,7 @@ def exact_distribution(model, text, mask, cfg_scale, **opts) -> tuple[Tensor, Te
     from vqgen.sampling import probabilities
 
     n = TINY_GRID[0] * TINY_GRID[1]
-    images = torch.tensor(list(product(range(TINY_V), repeat=n)))  # [K, N]
+    images = torch.tensor(list(product(range(TINY_V), repeat=n)), device=text.device)  # [K, N]
     k = len(images)
     cond = model(images, text.expand(k, -1, -1), mask.expand(k, -1))  # [K, N, V]
     uncond = model(images, text.expand(k, -1, -1), torch.zeros_like(mask).expand(k, -1))
@@ -269,6 +274,7 @@ def exact_distribution(model, text, mask, cfg_scale, **opts) -> tuple[Tensor, Te
 def chi_square_p_value(samples: Tensor, images: Tensor, probs: Tensor) -> float:
     """Pearson's chi-square test of samples [M, N] against the distribution probs [K] over
     images [K, N]; an image of probability 0 that shows up fails at once (p-value 0)."""
+    samples, images, probs = samples.cpu(), images.cpu(), probs.cpu()
     index = (samples[:, None, :] == images[None]).all(-1).float().argmax(-1)  # [M]
     observed = torch.bincount(index, minlength=len(images)).double()
     expected = probs.double() * len(samples)
@@ -285,10 +291,10 @@ SPEC_OPTS = dict(cfg_scale=2.0, top_k=2, temperature=0.8)  # guidance and top-k 
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model = tiny_model()
+def tiny(device):
+    model = tiny_model().to(device)
     g = torch.Generator().manual_seed(4)
-    text, mask = torch.randn(1, 3, TEXT_DIM, generator=g), torch.ones(1, 3, dtype=torch.bool)
+    text, mask = on(device, torch.randn(1, 3, TEXT_DIM, generator=g), torch.ones(1, 3, dtype=torch.bool))
     images, probs = exact_distribution(model, text, mask, SPEC_OPTS["cfg_scale"], top_k=2, temperature=0.8)
     return model, text, mask, images, probs
 
@@ -309,9 +315,9 @@ def test_speculative_sampling_follows_the_exact_distribution(tiny, window, prior
     assert chi_square_p_value(samples, images, unguided) < LEVEL
 
 
-def test_speculative_greedy_equals_plain_greedy_and_is_batch_independent():
-    model = small_model(kv_heads=2)
-    text, mask = prompts()
+def test_speculative_greedy_equals_plain_greedy_and_is_batch_independent(device):
+    model = small_model(kv_heads=2).to(device)
+    text, mask = on(device, *prompts())
     plain = generate(model, text, mask, num_images=2, cfg_scale=2.0, top_k=1, seeds=0)
     for window in (3, 5, N):
         assert torch.equal(generate(model, text, mask, num_images=2, cfg_scale=2.0, top_k=1, seeds=0, speculative=window), plain)
@@ -354,14 +360,14 @@ def test_speculative_argument_errors():
         generate(model, text, mask, speculative=4, speculative_prior="left")
 
 
-def test_half_precision_cache_keeps_the_logits():
-    model = small_model(kv_heads=2)
-    text, mask = prompts()
-    codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
+def test_half_precision_cache_keeps_the_logits(device):
+    model = small_model(kv_heads=2).to(device)
+    text, mask = on(device, *prompts())
+    codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
         full = model(codes, text, mask)
         decoder = loaded_decoder(model, text, mask, dtype=torch.bfloat16)
-        logits = model.decode_step(inputs_before(codes), torch.arange(N), decoder.layers)
+        logits = model.decode_step(inputs_before(codes), torch.arange(N, device=device), decoder.layers)
     assert decoder.layers[0].k.dtype == torch.bfloat16 and logits.dtype == torch.float32  # fp32 math over a bf16 cache
     torch.testing.assert_close(logits, full, rtol=0, atol=0.02)  # bf16 keys: 8 bits of mantissa (measured 0.005)
     assert not torch.equal(logits, full)

@@ -5,6 +5,9 @@
         interleaved; ``--quantize int8`` and ``--speculative W`` add contestants
     python -m vqgen.bench speculative --checkpoint runs/demo/transformer --json spec.json
         speculative against plain decoding on a trained model: forwards, wall clock, adherence
+    python -m vqgen.bench gpu [--checkpoint runs/demo/transformer] [--device cpu --quick]
+        the GPU check: correctness, training, decode speed and serving on an accelerator,
+        section by section, into gpu_check.json and gpu_check.md (see vqgen/bench/gpu.py)
 
 Progress goes to stderr, the table to stdout, and ``--json`` writes the numbers.
 """
@@ -17,8 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from vqgen.bench import speculative
-from vqgen.bench.sampling import DTYPES, FULL_RECOMPUTE_PREFIX, BenchSpec, format_table, run_sampling_bench
+from vqgen.bench import gpu, speculative
+from vqgen.bench.sampling import DTYPES, FULL_RECOMPUTE_PREFIX, HF_CACHES, BenchSpec, format_table, run_sampling_bench
 from vqgen.checkpoint import atomic_write_text
 from vqgen.model import SIZES
 from vqgen.sampling.quantize import MODES as QUANTIZE_MODES
@@ -47,6 +50,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time an int8 copy of the vqgen model (vqgen_int8); int8 picks the device's faster kind",
     )
     parser.add_argument("--speculative", type=int, metavar="W", help="also time speculative decoding with W draft codes (vqgen_spec)")
+    parser.add_argument("--skip-no-cache", dest="no_cache", action="store_false",
+                        help="leave out the full-recompute baseline (no_cache, vqgen_prefix)")
+    parser.add_argument("--hf-cache", choices=list(HF_CACHES), default="dynamic",
+                        help="HF generate()'s cache: dynamic (default) or static (its forward compiled on GPU)")
     parser.add_argument("--dim", type=int, help="override the size's width (e.g. micro models for tests)")
     parser.add_argument("--depth", type=int, help="override the size's depth")
     parser.add_argument("--heads", type=int, help="override the size's heads")
@@ -66,6 +73,7 @@ def run_sampling(args: argparse.Namespace) -> None:
 COMMANDS = {
     "sampling": ("cached sampler (fp32, int8, speculative) vs no cache vs HF generate()", add_sampling_arguments, run_sampling),
     "speculative": ("speculative vs plain decoding on a trained model", speculative.add_arguments, speculative.run),
+    "gpu": ("the GPU check: every fast path on an accelerator, section by section", gpu.add_arguments, gpu.run),
 }
 
 

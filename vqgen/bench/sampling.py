@@ -48,6 +48,7 @@ from vqgen.sampling import generate
 from vqgen.sampling.quantize import quantize, resolve_mode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HF_CACHES = ("dynamic", "static")  # generate()'s DynamicCache, or its StaticCache (whose forward it compiles on GPU)
 TEXT_DIM = 384  # all-MiniLM-L6-v2's embedding width, the default text encoder
 DEFAULT_VOCAB = {"tiny": 1000}  # the shapes tokenizer's codebook; every other size: 16,384
 FULL_RECOMPUTE_PREFIX = 64  # no-cache tokens at sizes above tiny: full recompute is quadratic
@@ -73,6 +74,8 @@ class BenchSpec:
     compile: bool = False  # torch.compile the vqgen decode step
     quantize: str | None = None  # also time an int8 copy of the vqgen model (vqgen.sampling.quantize)
     speculative: int | None = None  # also time generate(..., speculative=W)
+    no_cache: bool = True  # also time the full-recompute baseline (no_cache, and vqgen_prefix above tiny)
+    hf_cache: str = "dynamic"  # HF generate()'s cache: one of HF_CACHES
     dim: int | None = None  # overrides of the size's shape (micro sizes for tests)
     depth: int | None = None
     heads: int | None = None
@@ -92,6 +95,8 @@ class BenchSpec:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
         if self.cfg < 1:
             raise ValueError(f"--cfg {self.cfg} must be >= 1 (1 = no guidance)")
+        if self.hf_cache not in HF_CACHES:
+            raise ValueError(f"--hf-cache {self.hf_cache!r}: choose one of {list(HF_CACHES)}")
         default_prefix = self.tokens if self.size == "tiny" else min(self.tokens, FULL_RECOMPUTE_PREFIX)
         prefix = self.no_cache_tokens or default_prefix
         if not 0 < prefix <= self.tokens or prefix % side:
@@ -191,10 +196,14 @@ class GuidedDraw:
         return torch.full_like(scores, -math.inf).scatter_(1, codes, 0.0)
 
 
-def hf_generate(model, encoder_states: Tensor, encoder_mask: Tensor, tokens: int, cfg_scale: float = 1.0) -> Tensor:
+def hf_generate(
+    model, encoder_states: Tensor, encoder_mask: Tensor, tokens: int, cfg_scale: float = 1.0, cache: str = "dynamic"
+) -> Tensor:
     """``generate()`` from a start token on each row of encoder_states [S, L, D] -> [S, 1 + tokens]:
     one code per image and step drawn from the full (guided, when ``cfg_scale`` != 1)
-    distribution by ``GuidedDraw``, with HF's KV cache, never stopping early."""
+    distribution by ``GuidedDraw``, with HF's KV cache, never stopping early. ``cache="static"``
+    preallocates it (``cache_implementation="static"``), which on a GPU makes ``generate()``
+    compile the model's forward (CUDA graphs, its default ``CompileConfig``)."""
     from transformers import LogitsProcessorList
 
     start = torch.full((encoder_states.shape[0], 1), START, device=encoder_states.device)  # [S, 1]
@@ -202,6 +211,7 @@ def hf_generate(model, encoder_states: Tensor, encoder_mask: Tensor, tokens: int
         input_ids=start, attention_mask=torch.ones_like(start), encoder_hidden_states=encoder_states,
         encoder_attention_mask=encoder_mask, do_sample=False, logits_processor=LogitsProcessorList([GuidedDraw(cfg_scale)]),
         min_new_tokens=tokens, max_new_tokens=tokens, use_cache=True, eos_token_id=None, pad_token_id=PAD,
+        cache_implementation="static" if cache == "static" else None,
     )
 
 
@@ -316,16 +326,20 @@ def _run(spec: BenchSpec) -> dict[str, Any]:
     if spec.compile:
         contestants.append(Contestant("vqgen_compiled", vqgen_run(model, compile=True), image_tokens))
     if spec.quantize:
-        contestants.append(Contestant("vqgen_int8", vqgen_run(quantize(model, spec.quantize)), image_tokens))
+        quantized = quantize(model, spec.quantize)
+        contestants.append(Contestant("vqgen_int8", vqgen_run(quantized), image_tokens))
         notes.append(f"vqgen_int8: every linear layer of the vqgen model quantized with mode {spec.quantize!r}")
+        if spec.compile and spec.quantize == "int8-weight":  # weight-only int8 pays once compiled: dequantization fused
+            contestants.append(Contestant("vqgen_int8_compiled", vqgen_run(quantized, compile=True), image_tokens))
     if spec.speculative:
         contestants.append(Contestant("vqgen_spec", vqgen_run(model, speculative=spec.speculative), image_tokens))
         notes.append(f"vqgen_spec: speculative decoding with a window of {spec.speculative} draft codes")
 
     prefix_grid = (spec.no_cache_tokens // cfg.grid[1], cfg.grid[1])
     prefix_model = model if prefix_grid == cfg.grid else on_grid(model, prefix_grid)
-    contestants.append(Contestant("no_cache", vqgen_run(prefix_model, use_cache=False), image_tokens))
-    if prefix_model is not model:
+    if spec.no_cache:
+        contestants.append(Contestant("no_cache", vqgen_run(prefix_model, use_cache=False), image_tokens))
+    if spec.no_cache and prefix_model is not model:
         contestants.append(Contestant("vqgen_prefix", vqgen_run(prefix_model), image_tokens))
         notes.append(
             f"full recompute is quadratic in length: no_cache ran the first {spec.no_cache_tokens} tokens "
@@ -342,15 +356,18 @@ def _run(spec: BenchSpec) -> dict[str, Any]:
     # contiguous: at batch 1 the repeat is a stride-0 view, which GPT-2's Conv1D cannot .view()
     encoder_states = repeat(encoder_states, "b s d -> (r b) s d", r=spec.streams // B).contiguous()  # [streams, S, D]
     contestants.append(Contestant(
-        "hf", lambda: hf_generate(hf, encoder_states, encoder_mask, spec.tokens, spec.cfg), lambda ids: ids.shape[1] - 1
+        "hf", lambda: hf_generate(hf, encoder_states, encoder_mask, spec.tokens, spec.cfg, spec.hf_cache),
+        lambda ids: ids.shape[1] - 1,
     ))
 
     results = interleaved(contestants, spec)
 
     hf_s = results["hf"]["seconds"]
-    baseline_cached = results.get("vqgen_prefix", results["vqgen"])["seconds"]
-    ratios = {"vs_hf": hf_s / results["vqgen"]["seconds"], "vs_no_cache": results["no_cache"]["seconds"] / baseline_cached}
-    for name, ratio in (("vqgen_compiled", "compiled_vs_hf"), ("vqgen_int8", "int8_vs_hf"), ("vqgen_spec", "spec_vs_hf")):
+    ratios = {"vs_hf": hf_s / results["vqgen"]["seconds"]}
+    if spec.no_cache:
+        ratios["vs_no_cache"] = results["no_cache"]["seconds"] / results.get("vqgen_prefix", results["vqgen"])["seconds"]
+    for name, ratio in (("vqgen_compiled", "compiled_vs_hf"), ("vqgen_int8", "int8_vs_hf"),
+                        ("vqgen_int8_compiled", "int8_compiled_vs_hf"), ("vqgen_spec", "spec_vs_hf")):
         if name in results:
             ratios[ratio] = hf_s / results[name]["seconds"]
     if "vqgen_int8" in results:
@@ -360,6 +377,9 @@ def _run(spec: BenchSpec) -> dict[str, Any]:
         f"(+ its null token), {S} encoder states generated at width {cfg.dim} for GPT-2; GPT-2 MLP inner width "
         f"{hf.config.n_inner} = 1.5 x SwiGLU hidden {cfg.mlp_hidden} (equal matmul weights)"
     )
+    # generate() compiles its forward itself (static cache on a GPU) and keeps the compiled call on the model
+    hf_compiled = hasattr(hf, "_compiled_call")
+    notes.append(f"hf: generate() with its {spec.hf_cache} cache, forward {'compiled' if hf_compiled else 'eager'}")
     notes.append(
         f"contestants interleaved: {spec.warmup} warm-up and {spec.repeats} timed rounds, each round starting "
         "one contestant later"
@@ -376,6 +396,8 @@ def _run(spec: BenchSpec) -> dict[str, Any]:
         "size": spec.size,
         "quantize": spec.quantize,
         "speculative": spec.speculative,
+        "hf_cache": spec.hf_cache,
+        "hf_compiled": hf_compiled,
         "shape": {"dim": cfg.dim, "depth": cfg.depth, "heads": cfg.heads, "vocab": cfg.vocab_size, "mlp_hidden": cfg.mlp_hidden},
         "params": {"vqgen": model.num_params(), "hf": hf.num_parameters()},
         "torch": torch.__version__,
@@ -389,6 +411,7 @@ NAMES = {
     "vqgen": "vqgen (KV cache)",
     "vqgen_compiled": "vqgen compiled",
     "vqgen_int8": "vqgen int8",
+    "vqgen_int8_compiled": "vqgen int8 compiled",
     "vqgen_spec": "vqgen speculative",
     "vqgen_prefix": "vqgen on prefix",
     "no_cache": "vqgen no cache",
