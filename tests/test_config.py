@@ -172,10 +172,15 @@ def test_resume_refuses_changes_that_alter_the_run_and_allows_the_rest():
                        "training.tokenizer.report_to: 'none' -> 'wandb'"]  # model.size: not the tokenizer's
     refused, _ = resume_changes(saved, changed, "transformer")
     assert refused == ["model.size: 'mini' -> 'tiny'"]  # the transformer reads no tokenizer section
-    # a key the saved config lacks (an older version) counts as its default
+    # a key only one of the two has (a config of another layout) is refused, even one that may change
     del saved["data"]["num_workers"], saved["tokenizer"]["channels"]
+    saved["model"]["cond_dropout_old"] = 0.1
     refused, allowed = resume_changes(saved, changed, "tokenizer")
-    assert refused == ["tokenizer.channels: 128 -> 8", "training.tokenizer.batch_size: 16 -> 32"]
+    assert refused == ["data.num_workers: (absent) -> 0", "tokenizer.channels: (absent) -> 8",
+                       "training.tokenizer.batch_size: 16 -> 32"]
+    refused, _ = resume_changes(saved, changed, "transformer")
+    assert refused == ["data.num_workers: (absent) -> 0", "model.size: 'mini' -> 'tiny'",
+                       "model.cond_dropout_old: 0.1 -> (absent)"]
 
 
 def test_check_resume_names_the_keys_in_its_error(tmp_path):

@@ -421,23 +421,33 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _Absent:
+    """The value of a key one of two configs lacks."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
 def resume_changes(saved: dict[str, Any], current: dict[str, Any], kind: str) -> tuple[list[str], list[str]]:
     """Compare the config a run was started with (``saved``, as ``Config.to_dict()`` wrote it)
     with the one it resumes with, for stage ``kind`` ("tokenizer", "transformer", or another
     task, which reads every section). Returns ``(refused, allowed)``: one ``"key: old -> new"``
     line per changed key, those that would change what the run computes (data, model,
-    optimizer, batch size, ...) and those listed in ``MAY_CHANGE_ON_RESUME``. A key the saved
-    config lacks (written before the key existed) counts as unchanged at its default."""
+    optimizer, batch size, ...) and those listed in ``MAY_CHANGE_ON_RESUME``. A key only one of
+    the two has (a config of another layout) is refused, shown as ``(absent)`` on the other side."""
     ignored = NOT_READ_BY.get(kind, ())
     before, after = _flatten(saved), _flatten(current)
-    defaults = _flatten(Config().to_dict())
     refused, allowed = [], []
-    for key, new in after.items():
-        old = before.get(key, defaults.get(key, new))
+    for key in [*after, *(k for k in before if k not in after)]:
+        old, new = before.get(key, ABSENT), after.get(key, ABSENT)
         if old == new or any(fnmatch.fnmatchcase(key, p) for p in ignored):
             continue
-        line = f"{key}: {old!r} -> {new!r}"
-        (allowed if any(fnmatch.fnmatchcase(key, p) for p in MAY_CHANGE_ON_RESUME) else refused).append(line)
+        known = old is not ABSENT and new is not ABSENT
+        may_change = known and any(fnmatch.fnmatchcase(key, p) for p in MAY_CHANGE_ON_RESUME)
+        (allowed if may_change else refused).append(f"{key}: {old!r} -> {new!r}")
     return refused, allowed
 
 
