@@ -17,7 +17,7 @@ SHAPES = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # the 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from vqgen.model import Transformer, TransformerConfig
+    from vqgen.model import Transformer
     from vqgen.tokenizer import VQTokenizer
 
     run = tmp_path_factory.mktemp("run")
@@ -25,7 +25,7 @@ def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
     tokenizer.save_pretrained(run / "tokenizer")
-    model_cfg = TransformerConfig.from_model_config(cfg.model, tokenizer.codebook_size, tokenizer.grid, 384)
+    model_cfg = cfg.model.complete(tokenizer.codebook_size, tokenizer.grid, 384)
     model = Transformer(model_cfg)
     with torch.no_grad():
         model.head.weight.normal_(std=0.3)  # not the uniform predictions of a fresh head

@@ -2,19 +2,20 @@
 the choices declared on the fields, neutral defaults, the resolved-config CLI, the resume check."""
 
 import json
+import re
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from vqgen.config import (
+    SIZES,
     Config,
     ConfigError,
-    ModelSize,
     TokenizerConfig,
+    TransformerConfig,
     check_resume,
     load_config,
     main as config_main,
@@ -49,7 +50,11 @@ def test_unknown_key_is_named_with_the_closest_valid_key(tmp_path):
     "override, message",
     [
         ("data.resolution=big", "config key 'data.resolution' expects int, got 'big'"),
-        ("model.cond_dropout=[1]", "config key 'model.cond_dropout' expects float"),
+        ("training.transformer.cond_dropout=[1]", "config key 'training.transformer.cond_dropout' expects float"),
+        ("training.transformer.cond_dropout=1", "'training.transformer.cond_dropout' must lie in [0, 1), got 1.0"),
+        ("model.kv_heads=5", "model config: heads (12) must be a multiple of kv_heads (5)"),
+        ("model.grid=[4]", "config key 'model.grid' expects a list of 2 values, got [4]"),
+        ("tokenizer.l1_weight=1", "unknown config key 'tokenizer.l1_weight'; did you mean 'training.tokenizer.l1_weight'?"),
         ("tokenizer.quantizer=lfq", "config key 'tokenizer.quantizer' is 'lfq'; choose one of ['fsq', 'vq']"),
         ("tokenizer.downsample=6", "config key 'tokenizer.downsample' is 6; choose one of [4, 8, 16]"),
         ("tokenizer.downsample=8.0", "config key 'tokenizer.downsample' is 8.0; choose one of [4, 8, 16]"),
@@ -76,10 +81,12 @@ def test_saved_config_loads_back_identically(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"]["dim"] == 96
 
 
-def test_choices_are_declared_once_on_the_fields():
-    from vqgen.model.transformer import SIZES
-
-    assert set(typing.get_args(ModelSize)) == set(SIZES)
+def test_choices_are_declared_once_on_the_fields(monkeypatch):
+    # the model sizes are the names of SIZES: a new entry is a choice, with its own values
+    with pytest.raises(ConfigError, match=re.escape(f"'model.size' is 'huge'; choose one of {list(SIZES)}")):
+        load_config(None, ["model.size=huge"])
+    monkeypatch.setitem(SIZES, "huge", SIZES["XL"] | {"depth": 48})
+    assert load_config(None, ["model.size=huge"]).model == TransformerConfig(**SIZES["XL"] | {"depth": 48})
     # YAML 1.1 reads a bare `no` as false: it still means the choice "no"
     cfg = load_config(None, ["training.tokenizer.mixed_precision=no", "training.transformer.mixed_precision=bf16"])
     assert (cfg.training.tokenizer.mixed_precision, cfg.training.transformer.mixed_precision) == ("no", "bf16")
@@ -96,7 +103,8 @@ def test_defaults_are_neutral_not_the_demo():
         neutral, cpu = getattr(default.training, stage), getattr(demo.training, stage)
         assert neutral.max_minutes == 0 and cpu.max_minutes > 0
         assert neutral.steps != cpu.steps and neutral.mixed_precision == "auto" != cpu.mixed_precision
-    assert default.model.size == "B" != demo.model.size
+    assert default.model == TransformerConfig.from_size("B") != demo.model
+    assert demo.model == TransformerConfig.from_size("mini", max_text_len=32)
     assert (default.data.kind, default.data.resolution, default.data.holdout) == ("folder", 256, [])
     assert (default.tokenizer.downsample, default.tokenizer.quantizer, default.tokenizer.codebook_size) == (16, "vq", 16384)
     validate(default)
@@ -110,8 +118,8 @@ def shipped_configs() -> list[Path]:
 
 @pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.name)
 def test_shipped_config_resolves_to_what_it_says(path, capsys):
-    """`python -m vqgen.config FILE`: no wall-clock limit, the model size the file names, and
-    no key holding the demo's value unless the file sets it."""
+    """`python -m vqgen.config FILE`: no wall-clock limit, the architecture of the model size the
+    file names (under the keys it sets), and no key holding the demo's value unless the file sets it."""
     assert config_main([str(path)]) == 0
     resolved = json.loads(capsys.readouterr().out)
     raw = yaml.safe_load(path.read_text())
@@ -119,7 +127,8 @@ def test_shipped_config_resolves_to_what_it_says(path, capsys):
         assert resolved["training"][stage]["max_minutes"] == 0
     size = raw.get("model", {}).get("size")
     if size is not None:
-        assert resolved["model"]["size"] == size
+        given = {k: v for k, v in raw["model"].items() if k in SIZES[size]}
+        assert {k: resolved["model"][k] for k in SIZES[size]} == SIZES[size] | given
     demo, default = flatten(load_config(SHAPES).to_dict()), flatten(Config().to_dict())
     given = flatten(raw)
     inherited = [k for k, v in flatten(resolved).items() if k not in given and v == demo[k] != default[k]]
@@ -165,17 +174,24 @@ def test_resume_refuses_changes_that_alter_the_run_and_allows_the_rest():
     saved = load_config(SHAPES).to_dict()
     changed = load_config(SHAPES, ["training.tokenizer.batch_size=32", "tokenizer.channels=8",
                                    "training.tokenizer.steps=5000", "training.tokenizer.max_minutes=0",
-                                   "training.tokenizer.report_to=wandb", "model.size=tiny"]).to_dict()
+                                   "training.tokenizer.report_to=wandb", "model.size=tiny",
+                                   "training.transformer.text_cache=/elsewhere"]).to_dict()
     refused, allowed = resume_changes(saved, changed, "tokenizer")
     assert refused == ["tokenizer.channels: 16 -> 8", "training.tokenizer.batch_size: 16 -> 32"]
     assert allowed == ["training.tokenizer.steps: 2400 -> 5000", "training.tokenizer.max_minutes: 3.5 -> 0.0",
-                       "training.tokenizer.report_to: 'none' -> 'wandb'"]  # model.size: not the tokenizer's
-    refused, _ = resume_changes(saved, changed, "transformer")
-    assert refused == ["model.size: 'mini' -> 'tiny'"]  # the transformer reads no tokenizer section
-    # a key the saved config lacks (an older version) counts as its default
+                       "training.tokenizer.report_to: 'none' -> 'wandb'"]  # model.*: not the tokenizer's
+    refused, allowed = resume_changes(saved, changed, "transformer")
+    assert refused == ["model.dim: 128 -> 256", "model.text_depth: 2 -> 0"]  # the transformer reads no tokenizer section
+    assert allowed == ["training.transformer.text_cache: '' -> '/elsewhere'"]
+    # a key only one of the two has (a config of another layout) is refused, even one that may change
     del saved["data"]["num_workers"], saved["tokenizer"]["channels"]
+    saved["model"]["cond_dropout"] = 0.1
     refused, allowed = resume_changes(saved, changed, "tokenizer")
-    assert refused == ["tokenizer.channels: 128 -> 8", "training.tokenizer.batch_size: 16 -> 32"]
+    assert refused == ["data.num_workers: (absent) -> 0", "tokenizer.channels: (absent) -> 8",
+                       "training.tokenizer.batch_size: 16 -> 32"]
+    refused, _ = resume_changes(saved, changed, "transformer")
+    assert refused == ["data.num_workers: (absent) -> 0", "model.dim: 128 -> 256", "model.text_depth: 2 -> 0",
+                       "model.cond_dropout: 0.1 -> (absent)"]
 
 
 def test_check_resume_names_the_keys_in_its_error(tmp_path):

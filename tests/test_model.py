@@ -1,11 +1,15 @@
+import dataclasses
+import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vqgen.checkpoint import CheckpointError
-from vqgen.config import ConfigError, ModelConfig
+from vqgen.config import ConfigError
 from vqgen.model import SIZES, Transformer, TransformerConfig, apply_rope, rope_tables
+from vqgen.train.transformer import NextCodeLoss
 
 V, GRID, TEXT_DIM = 50, (4, 4), 16
 
@@ -13,8 +17,8 @@ V, GRID, TEXT_DIM = 50, (4, 4), 16
 def small_model(kv_heads: int = 4, **overrides) -> Transformer:
     """A small model with every weight random (the zero-initialised head would hide bugs)."""
     torch.manual_seed(0)
-    model_cfg = ModelConfig(size="tiny", dim=64, depth=2, heads=4, kv_heads=kv_heads, **overrides)
-    model = Transformer(TransformerConfig.from_model_config(model_cfg, V, GRID, TEXT_DIM))
+    model_cfg = TransformerConfig.from_size("tiny", dim=64, depth=2, heads=4, kv_heads=kv_heads, **overrides)
+    model = Transformer(model_cfg.complete(V, GRID, TEXT_DIM))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(std=0.3)
@@ -94,20 +98,28 @@ def test_text_longer_than_max_text_len_fails_clearly():
 
 
 def test_caption_dropout_draws_from_the_torch_rng():
-    model = small_model(cond_dropout=0.5).train()
+    """Training drops each caption with probability training.transformer.cond_dropout, drawn from
+    the torch RNG (so a resumed run redraws the same); the model drops only the rows it is told to."""
+    model = small_model()
+    train_step = NextCodeLoss(model, cond_dropout=0.5).train()
     codes, text, mask = batch(8)
+    inputs = {"codes": codes.reshape(8, *GRID), "text": text, "text_mask": mask}
+    cross_entropy = lambda logits: F.cross_entropy(logits.flatten(0, 1), codes.flatten())  # noqa: E731
     torch.manual_seed(7)
-    logits = model(codes, text, mask)
+    dropped = train_step(inputs, step=0)[0]
     torch.manual_seed(7)
     drop = torch.rand(8) < 0.5
     assert 0 < drop.sum() < 8
-    torch.testing.assert_close(model(codes, text, mask, drop_cond=drop), logits)
-    model.eval()  # no dropping in eval mode
-    torch.testing.assert_close(model(codes, text, mask), model(codes, text, mask, drop_cond=torch.zeros(8, dtype=torch.bool)))
+    torch.testing.assert_close(dropped, cross_entropy(model(codes, text, mask, drop_cond=drop)))
+    kept = cross_entropy(model(codes, text, mask))  # without drop_cond the model drops nothing, in training too
+    assert not torch.allclose(dropped, kept)
+    train_step.eval()  # no dropping in eval mode
+    torch.testing.assert_close(train_step(inputs, step=0)[0], kept)
 
 
 def test_initial_predictions_are_uniform():
-    model = Transformer(TransformerConfig(vocab_size=V, grid=GRID, text_dim=TEXT_DIM, dim=64, depth=2, heads=4, kv_heads=4))
+    model = Transformer(TransformerConfig(dim=64, depth=2, heads=4, kv_heads=4, mlp_ratio=8.0, text_depth=0,
+                                          vocab_size=V, grid=GRID, text_dim=TEXT_DIM))
     codes, text, mask = batch()
     logits = model(codes, text, mask)
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.flatten())
@@ -138,7 +150,7 @@ LLAMAGEN = {"B": 110_888_448, "L": 342_910_976, "XL": 774_699_520}  # GPT-B/L/XL
 
 @pytest.mark.parametrize("size", ["B", "L", "XL"])
 def test_sizes_match_llamagen_parameter_counts(size):
-    cfg = TransformerConfig.from_model_config(ModelConfig(size=size), 16384, (16, 16), 384)
+    cfg = TransformerConfig.from_size(size).complete(16384, (16, 16), 384)
     with torch.device("meta"):
         model = Transformer(cfg)
     assert (cfg.dim, cfg.depth, cfg.heads) == (SIZES[size]["dim"], SIZES[size]["depth"], SIZES[size]["heads"])
@@ -146,7 +158,7 @@ def test_sizes_match_llamagen_parameter_counts(size):
 
 
 def test_tiny_size():
-    cfg = TransformerConfig.from_model_config(ModelConfig(size="tiny"), 1000, (8, 8), 384)
+    cfg = TransformerConfig.from_size("tiny").complete(1000, (8, 8), 384)
     with torch.device("meta"):
         model = Transformer(cfg)
     assert (cfg.dim, cfg.depth) == (256, 4)
@@ -154,12 +166,18 @@ def test_tiny_size():
 
 
 def test_config_resolution_and_errors():
-    cfg = TransformerConfig.from_model_config(ModelConfig(size="B", depth=2, heads=6, mlp_ratio=2.0), 100, (8, 8), 32)
+    cfg = TransformerConfig.from_size("B", depth=2, heads=6, mlp_ratio=2.0).complete(100, (8, 8), 32)
     assert (cfg.dim, cfg.depth, cfg.heads, cfg.kv_heads, cfg.mlp_hidden) == (768, 2, 6, 6, 1536)
     with pytest.raises(ConfigError, match=r"'model.size' is 'huge'; choose one of \['mini', 'tiny', 'B', 'L', 'XL'\]"):
-        TransformerConfig.from_model_config(ModelConfig(size="huge"), 100, (8, 8), 32)
+        TransformerConfig.from_size("huge")
     with pytest.raises(ConfigError, match=r"heads \(4\) must be a multiple of kv_heads \(3\)"):
-        TransformerConfig.from_model_config(ModelConfig(size="tiny", kv_heads=3), 100, (8, 8), 32)
+        TransformerConfig.from_size("tiny", kv_heads=3)
+    # vocab_size, grid and text_dim are the tokenizer's and the text encoder's: unset, nothing is built
+    with pytest.raises(ConfigError, match=r"leaves vocab_size, grid, text_dim unset: build it from cfg.complete"):
+        Transformer(TransformerConfig.from_size("tiny"))
+    with pytest.raises(ConfigError, match=r"'model.vocab_size' is 1000, but the tokenizer and text encoder give 1024"):
+        TransformerConfig.from_size("tiny", vocab_size=1000).complete(1024, (8, 8), 32)
+    assert TransformerConfig.from_size("tiny", grid=[8, 8]).complete(1000, (8, 8), 32).grid == (8, 8)
 
 
 def test_bad_inputs_name_the_problem():
@@ -191,6 +209,9 @@ def test_save_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path / "ckpt", extra_config={"run": {"name": "x"}})
     loaded = Transformer.from_pretrained(tmp_path / "ckpt").eval()
     assert loaded.cfg == model.cfg
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["transformer"] == json.loads(json.dumps(dataclasses.asdict(model.cfg)))  # the architecture only
+    assert config["run"] == {"name": "x"}
     torch.testing.assert_close(loaded(codes, text, mask), model(codes, text, mask), rtol=0, atol=0)
     # an export writes the weights it is given (the EMA's, gathered full weights) in place of the module's
     shifted = {k: v + 1 for k, v in model.state_dict().items()}
@@ -206,10 +227,32 @@ def test_mismatched_checkpoints_and_tokenizers_fail_clearly(tmp_path):
         model.check_compatible(1000, (4, 4))
     with pytest.raises(ConfigError, match=r"codebook size 50 on a 8x8 grid"):
         model.check_compatible(50, (8, 8))
-    other = Transformer(TransformerConfig(vocab_size=V + 1, grid=GRID, text_dim=TEXT_DIM, dim=64, depth=2, heads=4, kv_heads=4))
+    other = Transformer(TransformerConfig(dim=64, depth=2, heads=4, kv_heads=4, mlp_ratio=8.0, text_depth=0,
+                                          vocab_size=V + 1, grid=GRID, text_dim=TEXT_DIM))
     other.save_pretrained(tmp_path / "other")
     weights = tmp_path / "other" / "model.safetensors"
     model.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(weights.read_bytes())
     with pytest.raises(CheckpointError, match=r"tok_emb.weight: checkpoint \(51, 64\) vs model \(50, 64\)"):
         Transformer.from_pretrained(tmp_path / "ckpt")
+
+
+def test_checkpoint_of_another_layout_names_its_keys(tmp_path):
+    """The 'transformer' entry holds exactly TransformerConfig's fields: a training setting in it
+    or a field it lacks (a checkpoint of another model or version) fails naming the key."""
+    small_model().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    arch = config["transformer"]
+    arch["cond_dropout"] = 0.1
+    arch["mlp_hidden"] = arch.pop("mlp_ratio") * arch["dim"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        Transformer.from_pretrained(tmp_path)
+    message = str(err.value)
+    assert f"{path}: its 'transformer' architecture does not describe a TransformerConfig" in message
+    assert "unknown config key 'cond_dropout'" in message and "unknown config key 'mlp_hidden'" in message
+    assert "missing config keys 'mlp_ratio'" in message
+    path.write_text(json.dumps({"kind": "transformer", "dim": 64}))
+    with pytest.raises(CheckpointError, match=r"has no 'transformer' entry holding the architecture"):
+        Transformer.from_pretrained(tmp_path)

@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from vqgen.config import ModelConfig
 from vqgen.model import Transformer, TransformerConfig
 from vqgen.sampling import generate
 from vqgen.sampling.quantize import DynamicInt8Linear, WeightInt8Linear, int8_per_channel, quantize, resolve_mode
@@ -20,7 +19,7 @@ def model() -> Transformer:
     """A small model with random weights and peaked predictions like a trained model's (logits
     of std ~2.3, the top code ~1/3 of the mass); a zero head would make every comparison pass."""
     torch.manual_seed(0)
-    cfg = TransformerConfig.from_model_config(ModelConfig(size="tiny", dim=64, depth=2, heads=4), V, GRID, TEXT_DIM)
+    cfg = TransformerConfig.from_size("tiny", dim=64, depth=2, heads=4).complete(V, GRID, TEXT_DIM)
     model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -126,7 +125,7 @@ def test_pipeline_loads_a_checkpoint_quantized(tmp_path):
     torch.manual_seed(0)
     tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
     tokenizer.save_pretrained(tmp_path / "tokenizer")
-    model_cfg = TransformerConfig.from_model_config(cfg.model, tokenizer.codebook_size, tokenizer.grid, 384)
+    model_cfg = cfg.model.complete(tokenizer.codebook_size, tokenizer.grid, 384)
     Transformer(model_cfg).save_pretrained(tmp_path / "transformer", extra_config={"tokenizer": str(tmp_path / "tokenizer")})
 
     pipe = Pipeline.from_pretrained(tmp_path / "transformer", quantize="int8")

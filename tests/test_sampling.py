@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from vqgen.config import ModelConfig, SamplingConfig
+from vqgen.config import SamplingConfig
 from vqgen.model import Transformer, TransformerConfig
 from vqgen.sampling import (
     draw_uniforms,
@@ -22,8 +22,8 @@ N = GRID[0] * GRID[1]
 
 def small_model(kv_heads: int = 4) -> Transformer:
     torch.manual_seed(0)
-    model_cfg = ModelConfig(size="tiny", dim=64, depth=2, heads=4, kv_heads=kv_heads)
-    model = Transformer(TransformerConfig.from_model_config(model_cfg, V, GRID, TEXT_DIM))
+    model_cfg = TransformerConfig.from_size("tiny", dim=64, depth=2, heads=4, kv_heads=kv_heads)
+    model = Transformer(model_cfg.complete(V, GRID, TEXT_DIM))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(std=0.3)  # random everywhere: a zero head would make every test pass
@@ -247,7 +247,8 @@ TINY_V, TINY_GRID = 3, (2, 2)  # 3^4 = 81 possible images: the exact distributio
 
 def tiny_model() -> Transformer:
     torch.manual_seed(3)
-    cfg = TransformerConfig(vocab_size=TINY_V, grid=TINY_GRID, text_dim=TEXT_DIM, dim=32, depth=2, heads=2, kv_heads=2, mlp_hidden=64)
+    cfg = TransformerConfig(dim=32, depth=2, heads=2, kv_heads=2, mlp_ratio=2.0, text_depth=0,
+                            vocab_size=TINY_V, grid=TINY_GRID, text_dim=TEXT_DIM)
     model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from vqgen.checkpoint import CheckpointError
-from vqgen.config import ConfigError, TokenizerConfig
+from vqgen.config import ConfigError, TokenizerConfig, TokenizerTrainConfig
 from vqgen.tokenizer import LPIPS, PatchDiscriminator, TokenizerTrainer, VQTokenizer, load_lpips
 from vqgen.tokenizer.losses import hinge_d_loss
 
@@ -18,8 +19,12 @@ RES = 16
 
 def tiny(**overrides) -> TokenizerConfig:
     base = dict(encoder="patch", downsample=4, channels=8, channel_mult=[1, 1, 2], num_res_blocks=1, attention=False,
-                latent_dim=4, quantizer="fsq", codebook_size=32, codebook_dim=4, l2_weight=1.0)
+                latent_dim=4, quantizer="fsq", codebook_size=32, codebook_dim=4)
     return TokenizerConfig(**{**base, **overrides})
+
+
+def losses(**overrides) -> TokenizerTrainConfig:
+    return TokenizerTrainConfig(**{"l2_weight": 1.0, **overrides})
 
 
 def images(n: int = 4, seed: int = 0) -> torch.Tensor:
@@ -136,7 +141,8 @@ def test_save_and_load_round_trip(tmp_path, quantizer):
     model = warmed(tiny(quantizer=quantizer))
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["kind"] == "tokenizer" and config["resolution"] == RES and config["quantizer"] == quantizer
+    assert (config["kind"], config["resolution"], config["tokenizer"]["quantizer"]) == ("tokenizer", RES, quantizer)
+    assert config["tokenizer"] == dataclasses.asdict(model.cfg)  # the architecture, and nothing of training
     loaded = VQTokenizer.from_pretrained(tmp_path)
     x = images(seed=5)
     assert torch.equal(loaded.encode(x), model.encode(x))
@@ -146,7 +152,8 @@ def test_save_and_load_round_trip(tmp_path, quantizer):
 def test_loading_into_a_different_shape_names_the_keys(tmp_path):
     warmed(tiny()).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "channels": 16}))
+    config["tokenizer"]["channels"] = 16
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"shape mismatch: encoder\.patchify\.weight: checkpoint \(16, 3, 4, 4\) vs model \(32, 3, 4, 4\)"):
         VQTokenizer.from_pretrained(tmp_path)
 
@@ -162,8 +169,29 @@ def test_truncated_checkpoint_fails_clearly(tmp_path):
 def test_unknown_config_key_in_checkpoint(tmp_path):
     warmed(tiny()).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "chanels": 8}))
+    config["tokenizer"]["chanels"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"unknown config key 'chanels'; did you mean 'channels'\?"):
+        VQTokenizer.from_pretrained(tmp_path)
+
+
+def test_checkpoint_of_another_layout_names_its_keys(tmp_path):
+    """The architecture entry holds exactly TokenizerConfig's fields: a key missing or in
+    excess (a loss weight, a checkpoint written before the architecture had its own entry)
+    fails naming it."""
+    warmed(tiny()).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    del config["tokenizer"]["latent_dim"]
+    config["tokenizer"]["l1_weight"] = 1.0
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        VQTokenizer.from_pretrained(tmp_path)
+    assert f"{path}: its 'tokenizer' architecture does not describe a TokenizerConfig" in str(err.value)
+    assert "unknown config key 'l1_weight'" in str(err.value) and "missing config keys 'latent_dim'" in str(err.value)
+    flat = {"kind": "tokenizer", "resolution": RES, **dataclasses.asdict(tiny())}  # the architecture not in its entry
+    path.write_text(json.dumps(flat))
+    with pytest.raises(CheckpointError, match=r"has no 'tokenizer' entry holding the architecture"):
         VQTokenizer.from_pretrained(tmp_path)
 
 
@@ -199,15 +227,14 @@ def test_lpips_loads_from_safetensors_and_from_the_lpips_package_layout(tmp_path
 
 
 def test_lpips_configured_but_missing_says_how_to_provide_it(tmp_path):
-    cfg = tiny(perceptual_weight=1.0, lpips_path=str(tmp_path / "absent.safetensors"))
-    with pytest.raises(ConfigError, match=r"needs LPIPS weights at 'tokenizer.lpips_path', but '.*absent.safetensors' does not exist\. Nothing is downloaded"):
-        TokenizerTrainer(VQTokenizer(cfg, RES), cfg)
+    train = losses(perceptual_weight=1.0, lpips_path=str(tmp_path / "absent.safetensors"))
+    with pytest.raises(ConfigError, match=r"needs LPIPS weights at 'training.tokenizer.lpips_path', but '.*absent.safetensors' does not exist\. Nothing is downloaded"):
+        TokenizerTrainer(VQTokenizer(tiny(), RES), train)
 
 
 def test_gan_terms_route_gradients_to_their_own_player():
-    cfg = tiny(gan_weight=0.5, gan_start_step=2)
     torch.manual_seed(0)
-    trainer = TokenizerTrainer(VQTokenizer(cfg, RES), cfg)
+    trainer = TokenizerTrainer(VQTokenizer(tiny(), RES), losses(gan_weight=0.5, gan_start_step=2))
     batch = {"image": images(4)}
 
     loss, metrics = trainer(batch, step=0)  # before the start step: terms computed, weight 0
@@ -236,8 +263,7 @@ def test_patch_discriminator_outputs_patch_logits():
 
 
 def test_trainer_reports_psnr_and_usage():
-    cfg = tiny(l2_weight=1.0)
-    trainer = TokenizerTrainer(VQTokenizer(cfg, RES), cfg)
+    trainer = TokenizerTrainer(VQTokenizer(tiny(), RES), losses(l2_weight=1.0))
     x = images()
     loss, metrics = trainer({"image": x}, step=0)
     recon, codes, _ = trainer.tokenizer(x)

@@ -77,7 +77,7 @@ def test_natural_config_trains_on_an_image_folder_and_improves(tmp_path):
         "tokenizer.num_res_blocks=1",
         "tokenizer.latent_dim=16",
         "tokenizer.codebook_size=256",
-        "tokenizer.gan_start_step=24",  # the discriminator joins for the last steps
+        "training.tokenizer.gan_start_step=24",  # the discriminator joins for the last steps
         "training.tokenizer.steps=30",
         "training.tokenizer.batch_size=4",
         "training.tokenizer.lr=5e-3",
@@ -231,15 +231,15 @@ def test_vq_resume_after_sigterm_is_bit_exact(tmp_path, sigterm_at):
 
 
 def test_discriminator_has_its_own_optimizer_state_and_resumes_exactly(tmp_path, sigterm_at):
-    """tokenizer.disc_lr / disc_betas / disc_grad_clip give the discriminator its own AdamW
+    """training.tokenizer.disc_lr / disc_betas / disc_grad_clip give the discriminator its own AdamW
     settings; its moments are checkpointed and restored, so a GAN run resumes bit-exactly."""
     from vqgen.checkpoint import load_weights
     from vqgen.train import tokenizer as tt
     from vqgen.train.loop import latest_checkpoint, lr_at
 
-    overrides = [*TINY_SHAPES, "tokenizer.gan_weight=0.5", "tokenizer.gan_start_step=0", "tokenizer.disc_lr=1e-3",
-                 "tokenizer.disc_betas=[0.5, 0.9]", "tokenizer.disc_grad_clip=0.5", "training.tokenizer.grad_clip=1.0",
-                 "training.tokenizer.steps=4"]
+    overrides = [*TINY_SHAPES, "training.tokenizer.gan_weight=0.5", "training.tokenizer.gan_start_step=0",
+                 "training.tokenizer.disc_lr=1e-3", "training.tokenizer.disc_betas=[0.5, 0.9]",
+                 "training.tokenizer.disc_grad_clip=0.5", "training.tokenizer.grad_clip=1.0", "training.tokenizer.steps=4"]
     cfg = load_config(SHAPES, overrides)
     straight = train_tokenizer(cfg, tmp_path / "straight", eval_num=0)
     with sigterm_at(tt.FreshShapes, 1), pytest.raises(KeyboardInterrupt, match="stopped at step 2"):

@@ -48,8 +48,9 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def config(run_dir: Path, *extra: str):
-    return load_config(SHAPES, TINY + [f"model.tokenizer={run_dir / 'tokenizer'}", f"data.codes={run_dir / 'codes'}",
-                                     f"model.text_cache={run_dir / 'text_cache'}", *extra])
+    return load_config(SHAPES, TINY + [f"training.transformer.tokenizer={run_dir / 'tokenizer'}",
+                                     f"data.codes={run_dir / 'codes'}",
+                                     f"training.transformer.text_cache={run_dir / 'text_cache'}", *extra])
 
 
 def test_resume_after_sigterm_is_bit_exact(run_dir, sigterm_at):
@@ -115,7 +116,7 @@ def test_tokenizer_mismatch_is_reported(run_dir, tmp_path):
 
     other = load_config(SHAPES, ["tokenizer.fsq_levels=[5, 5, 5]"])
     VQTokenizer(other.tokenizer, 32).save_pretrained(tmp_path / "other_tokenizer")
-    cfg = config(run_dir, "training.transformer.steps=1", f"model.tokenizer={tmp_path / 'other_tokenizer'}")
+    cfg = config(run_dir, "training.transformer.steps=1", f"training.transformer.tokenizer={tmp_path / 'other_tokenizer'}")
     with pytest.raises(ConfigError, match=r"codebook of 1000 .* but tokenizer .* has 125 codes"):
         train_transformer(cfg, tmp_path / "mismatch")
 
@@ -123,9 +124,9 @@ def test_tokenizer_mismatch_is_reported(run_dir, tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(run_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = [f"model.tokenizer={run_dir / 'tokenizer'}", f"data.codes={run_dir / 'codes'}",
-              f"model.text_cache={run_dir / 'text_cache'}", "model.cond_dropout=0.0", "model.dropout=0.0",
-              "training.transformer.steps=4"]
+    common = [f"training.transformer.tokenizer={run_dir / 'tokenizer'}", f"data.codes={run_dir / 'codes'}",
+              f"training.transformer.text_cache={run_dir / 'text_cache'}", "training.transformer.cond_dropout=0.0",
+              "model.dropout=0.0", "training.transformer.steps=4"]
     one = [sys.executable, "train.py", "transformer", "--config", str(SHAPES), "--out", str(run_dir / "p1"), *TINY, *common,
            "training.transformer.batch_size=8"]
     two = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

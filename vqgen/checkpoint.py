@@ -7,17 +7,22 @@ safetensors, configs are JSON, and a mismatch between the two names the offendin
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from vqgen.config import ConfigError, from_dict, unknown_key
+
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -132,6 +137,33 @@ def load_config_json(directory: str | Path, kind: str) -> dict[str, Any]:
         raise CheckpointError(f"{directory} holds a {config.get('kind')!r} checkpoint, not a {kind!r} one")
     config.pop("kind")
     return config
+
+
+def load_architecture(config: dict[str, Any], kind: str, cls: type[T], directory: str | Path) -> T:
+    """The ``kind`` entry of a checkpoint's config (``load_config_json``) as architecture
+    dataclass ``cls``: exactly its fields, so a checkpoint of another model or layout fails
+    naming the keys it lacks and those it has in excess."""
+    source = Path(directory) / "config.json"
+    entry = config.get(kind)
+    if not isinstance(entry, dict):
+        raise CheckpointError(
+            f"{source} has no {kind!r} entry holding the architecture: it was written for another model or by "
+            "another version of vqgen"
+        )
+    names = [f.name for f in dataclasses.fields(cls)]
+    problems = [str(unknown_key(key, cls)) for key in sorted(set(entry) - set(names))]
+    missing = [name for name in names if name not in entry]
+    if missing:
+        problems.append(f"missing config keys {', '.join(repr(name) for name in missing)}")
+    if problems:
+        raise CheckpointError(
+            f"{source}: its {kind!r} architecture does not describe a {cls.__name__}: {'; '.join(problems)}. "
+            "It was written for another model or by another version of vqgen"
+        )
+    try:
+        return from_dict(cls, entry)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:

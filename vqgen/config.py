@@ -13,10 +13,12 @@ against it (``check_resume``). See what a config resolves to before running it:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import fnmatch
 import json
+import math
 import sys
 import types
 import typing
@@ -65,7 +67,9 @@ class DataConfig:
 
 @dataclass
 class TokenizerConfig:
-    """VQ tokenizer: encoder/decoder architecture, quantizer and losses. The defaults are
+    """The VQ tokenizer's architecture (``tokenizer:``): encoder/decoder and quantizer. With the
+    input resolution (``data.resolution``) it is what ``VQTokenizer`` is built from and what its
+    checkpoint holds; the losses it trains with are ``training.tokenizer``'s. The defaults are
     LlamaGen's f16 recipe: 256 px -> 16 x 16 codes of a 16,384-code, 8-dim l2-normalised VQ."""
 
     encoder: Literal["patch", "conv"] = "conv"  # patch: each code sees only its patch; conv: VQGAN-style
@@ -80,45 +84,107 @@ class TokenizerConfig:
     fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])  # fsq only
     codebook_size: int = 16384  # vq only
     codebook_dim: int = 8  # vq only: low-dimensional, l2-normalised codes
-    commitment_weight: float = 0.25  # vq only
-    kmeans_init: bool = True  # vq only
-    dead_code_threshold: float = 2.0  # vq only: EMA count under which a code is restarted
-    # losses
-    l1_weight: float = 1.0
-    l2_weight: float = 0.0
-    perceptual_weight: float = 0.0  # LPIPS; needs local weights (lpips_path)
-    lpips_path: str = ""
-    gan_weight: float = 0.0  # PatchGAN hinge loss with adaptive weight; 0 = off
-    gan_start_step: int = 0
-    # the discriminator's own AdamW settings and gradient clip (unset = training.tokenizer's
-    # lr, betas, grad_clip); its learning rate follows the same warm-up + cosine schedule
-    disc_lr: float | None = None
-    disc_betas: list[float] | None = None
-    disc_grad_clip: float | None = None
+    # vq only: vector-quantize-pytorch builds its module with these (its forward adds the
+    # commitment loss and restarts dead codes), so a checkpoint rebuilds the same module
+    commitment_weight: float = 0.25
+    kmeans_init: bool = True
+    dead_code_threshold: float = 2.0  # EMA count under which a code is restarted
 
 
-# the names of vqgen.model.SIZES (a test keeps the two in step)
-ModelSize = Literal["mini", "tiny", "B", "L", "XL"]
+# Named transformer sizes, as data: their names are the choices of `model.size`. B, L and XL
+# mirror LlamaGen's GPT-B/L/XL (dim, depth, heads). Our blocks add cross-attention (4 * dim^2
+# parameters per block) that LlamaGen's lack; a SwiGLU MLP ratio of 1.5 instead of LlamaGen's 8/3
+# pays for it, so each size keeps LlamaGen's parameter count (a test holds them within 3%).
+# `mini` is the CPU demo's: narrow enough to train in minutes on two cores, with two text blocks,
+# which bind each object's attributes in two-object captions (docs/benchmarks.md has the runs).
+# `tiny` is the sampling benchmark's.
+SIZES: dict[str, dict[str, Any]] = {
+    "mini": dict(dim=128, depth=4, heads=4, kv_heads=4, mlp_ratio=2.0, text_depth=2),
+    "tiny": dict(dim=256, depth=4, heads=4, kv_heads=4, mlp_ratio=2.0, text_depth=0),
+    "B": dict(dim=768, depth=12, heads=12, kv_heads=12, mlp_ratio=1.5, text_depth=0),
+    "L": dict(dim=1024, depth=24, heads=16, kv_heads=16, mlp_ratio=1.5, text_depth=0),
+    "XL": dict(dim=1280, depth=36, heads=20, kv_heads=20, mlp_ratio=1.5, text_depth=0),
+}
+DEFAULT_SIZE = "B"
+
+
+def sized(size: Any, fields: dict[str, Any], key: str = "model.size") -> dict[str, Any]:
+    """The fields of the named size ``SIZES[size]`` with ``fields`` set on top. A new head count
+    gives every head its own keys and values unless ``kv_heads`` is set too."""
+    _choice(size, tuple(SIZES), key)
+    base = dict(SIZES[size])
+    if "heads" in fields and "kv_heads" not in fields:
+        base["kv_heads"] = fields["heads"]
+    return base | fields
 
 
 @dataclass
-class ModelConfig:
-    """Decoder-only transformer over image codes with cross-attention to text."""
+class TransformerConfig:
+    """The transformer's architecture, all of it: ``Transformer(cfg)`` builds it and its
+    checkpoint's config.json holds it.
 
-    size: ModelSize = "B"  # the fields below override the size's values when set
-    dim: int | None = None
-    depth: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None  # grouped-query attention when < heads
-    mlp_ratio: float | None = None  # SwiGLU hidden = mlp_ratio * dim (rounded up to 64)
-    text_depth: int | None = None  # trainable self-attention blocks over the projected caption
-    rope_base: float = 10000.0  # 2-D rotary embeddings over the code grid
+    A run config's ``model:`` section is one, written as a named size (``model.size``, a key of
+    ``SIZES``; default B) with the fields it sets on top; the size's values fill the rest, so
+    the resolved config shows the architecture the run builds. ``vocab_size``, ``grid`` and
+    ``text_dim`` belong to the tokenizer and the text encoder: a run config leaves them unset,
+    and ``complete`` fills them in when the transformer is built.
+    """
+
+    dim: int
+    depth: int
+    heads: int
+    kv_heads: int  # grouped-query attention when < heads
+    mlp_ratio: float  # SwiGLU hidden width = mlp_ratio * dim, rounded up to a multiple of 64
+    text_depth: int  # trainable bidirectional self-attention blocks over the projected caption
+    rope_base: float = 10000.0  # rotary embeddings: 2-D over the code grid, 1-D along the text
     dropout: float = 0.0
     text_encoder: str = "all-minilm-l6-v2"  # hub name, local path, or a packaged alias (works offline)
-    max_text_len: int = 77
-    cond_dropout: float = 0.1  # caption dropout probability, for classifier-free guidance
-    tokenizer: str = ""  # tokenizer checkpoint dir; default <run>/tokenizer
-    text_cache: str = ""  # embedding cache dir; default <transformer dir>/text_cache
+    max_text_len: int = 77  # captions are truncated to this many text tokens
+    vocab_size: int | None = None  # the tokenizer's codebook size
+    grid: tuple[int, int] | None = None  # the tokenizer's (h, w) code grid: h * w codes in raster order
+    text_dim: int | None = None  # the width of the text encoder's embeddings
+
+    def __post_init__(self) -> None:
+        if self.grid is not None:
+            self.grid = tuple(self.grid)
+        checks = [
+            (self.dim % self.heads == 0, f"dim ({self.dim}) must be divisible by heads ({self.heads})"),
+            (self.heads % self.kv_heads == 0, f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})"),
+            (self.head_dim % 4 == 0, f"head dim dim/heads ({self.head_dim}) must be divisible by 4 for 2-D rotary"),
+            (self.grid is None or (len(self.grid) == 2 and min(self.grid) > 0), f"grid must be (h, w) > 0: {self.grid}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"model config: {message}")
+
+    @classmethod
+    def from_size(cls, size: str, **fields: Any) -> TransformerConfig:
+        """The named size ``SIZES[size]`` with ``fields`` set on top (see ``sized``)."""
+        return cls(**sized(size, fields))
+
+    def complete(self, vocab_size: int, grid: tuple[int, int], text_dim: int) -> TransformerConfig:
+        """This architecture for a tokenizer's codebook and grid and a text encoder's width; a
+        field the config already sets must agree with them."""
+        given = {"vocab_size": vocab_size, "grid": tuple(grid), "text_dim": text_dim}
+        for name, value in given.items():
+            if getattr(self, name) not in (None, value):
+                raise ConfigError(
+                    f"config key 'model.{name}' is {getattr(self, name)!r}, but the tokenizer and text encoder give "
+                    f"{value!r}; leave it unset"
+                )
+        return dataclasses.replace(self, **given)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return math.ceil(self.mlp_ratio * self.dim / 64) * 64
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid[0] * self.grid[1]
 
 
 @dataclass
@@ -146,11 +212,37 @@ class TrainConfig:
 
 
 @dataclass
+class TokenizerTrainConfig(TrainConfig):
+    """The tokenizer's loop, and the losses it trains with."""
+
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 0.0  # LPIPS; needs local weights (lpips_path)
+    lpips_path: str = ""
+    gan_weight: float = 0.0  # PatchGAN hinge loss with adaptive weight; 0 = off
+    gan_start_step: int = 0
+    # the discriminator's own AdamW settings and gradient clip (unset = this section's lr, betas,
+    # grad_clip); its learning rate follows the same warm-up + cosine schedule
+    disc_lr: float | None = None
+    disc_betas: list[float] | None = None
+    disc_grad_clip: float | None = None
+
+
+@dataclass
+class TransformerTrainConfig(TrainConfig):
+    """The transformer's loop, and what it trains over."""
+
+    cond_dropout: float = 0.1  # caption dropout probability, for classifier-free guidance
+    tokenizer: str = ""  # tokenizer checkpoint dir; default <run>/tokenizer
+    text_cache: str = ""  # embedding cache dir; default <transformer dir>/text_cache
+
+
+@dataclass
 class TrainingConfig:
     """The two training loops; each section starts from the same neutral ``TrainConfig``."""
 
-    tokenizer: TrainConfig = field(default_factory=TrainConfig)
-    transformer: TrainConfig = field(default_factory=TrainConfig)
+    tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    transformer: TransformerTrainConfig = field(default_factory=TransformerTrainConfig)
 
 
 @dataclass
@@ -173,16 +265,17 @@ class Config:
     out_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: TransformerConfig = field(default_factory=lambda: TransformerConfig.from_size(DEFAULT_SIZE))
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as JSON reads it back (tuples as lists), so a saved config compares equal."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as JSON, atomically."""
-        from vqgen.checkpoint import atomic_write_text
+        from vqgen.checkpoint import atomic_write_text  # here: vqgen.checkpoint loads torch, the config CLI does not
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -200,6 +293,8 @@ def _valid_keys(cls: type, prefix: str = "") -> list[str]:
         t = _resolved_hints(cls)[f.name]
         if dataclasses.is_dataclass(t):
             keys += _valid_keys(t, key + ".")
+        if t is TransformerConfig:
+            keys.append(key + ".size")
     return keys
 
 
@@ -207,7 +302,8 @@ def _resolved_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _unknown_key(key: str, root: type) -> ConfigError:
+def unknown_key(key: str, root: type) -> ConfigError:
+    """The error for ``key``, which dataclass ``root`` lacks, naming the closest valid key."""
     valid = _valid_keys(root)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
@@ -232,6 +328,11 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is tuple:
+        item_ts = typing.get_args(t)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_ts):
+            raise ConfigError(f"config key '{key}' expects a list of {len(item_ts)} values, got {value!r}")
+        return tuple(_coerce(v, item_t, f"{key}[{i}]") for i, (v, item_t) in enumerate(zip(value, item_ts)))
     if origin is list:
         (item_t,) = typing.get_args(t)
         if isinstance(value, tuple):
@@ -264,7 +365,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", root: type | No
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise _unknown_key(prefix + key, root)
+            raise unknown_key(prefix + key, root)
     defaults = {f.name: f.default_factory() for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
     kwargs = {}
     for name, value in data.items():
@@ -272,6 +373,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", root: type | No
         if dataclasses.is_dataclass(t):
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(f"config section '{prefix + name}' must be a mapping")
+            if t is TransformerConfig:  # the named size fills the fields the section leaves out
+                given = {k: v for k, v in (value or {}).items() if k != "size"}
+                value = sized((value or {}).get("size", DEFAULT_SIZE), given, f"{prefix}{name}.size")
             # keys not given keep this section's own defaults (e.g. training.tokenizer's)
             base = dataclasses.asdict(defaults[name]) if name in defaults else {}
             kwargs[name] = from_dict(t, _merge(base, value or {}), prefix + name + ".", root)
@@ -359,6 +463,9 @@ def validate(cfg: Config) -> None:
     _check_choices(cfg)
     if not 1 <= cfg.data.min_objects <= cfg.data.max_objects:
         raise ConfigError("config keys 'data.min_objects' <= 'data.max_objects' must hold, both >= 1")
+    cond_dropout = cfg.training.transformer.cond_dropout
+    if not 0 <= cond_dropout < 1:
+        raise ConfigError(f"config key 'training.transformer.cond_dropout' must lie in [0, 1), got {cond_dropout}")
     if cfg.sampling.speculative < 0:
         raise ConfigError(f"config key 'sampling.speculative' must be >= 0 (0 = off, W = windows of W codes), got {cfg.sampling.speculative}")
     if not 0 < cfg.sampling.top_p <= 1:
@@ -394,7 +501,7 @@ MAY_CHANGE_ON_RESUME = (
     "name",
     "out_dir",
     "data.num_workers",
-    "model.text_cache",
+    "training.transformer.text_cache",
     "sampling.*",
     "training.*.steps",
     "training.*.max_minutes",
@@ -421,23 +528,33 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+class _Absent:
+    """The value of a key one of two configs lacks."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
 def resume_changes(saved: dict[str, Any], current: dict[str, Any], kind: str) -> tuple[list[str], list[str]]:
     """Compare the config a run was started with (``saved``, as ``Config.to_dict()`` wrote it)
     with the one it resumes with, for stage ``kind`` ("tokenizer", "transformer", or another
     task, which reads every section). Returns ``(refused, allowed)``: one ``"key: old -> new"``
     line per changed key, those that would change what the run computes (data, model,
-    optimizer, batch size, ...) and those listed in ``MAY_CHANGE_ON_RESUME``. A key the saved
-    config lacks (written before the key existed) counts as unchanged at its default."""
+    optimizer, batch size, ...) and those listed in ``MAY_CHANGE_ON_RESUME``. A key only one of
+    the two has (a config of another layout) is refused, shown as ``(absent)`` on the other side."""
     ignored = NOT_READ_BY.get(kind, ())
     before, after = _flatten(saved), _flatten(current)
-    defaults = _flatten(Config().to_dict())
     refused, allowed = [], []
-    for key, new in after.items():
-        old = before.get(key, defaults.get(key, new))
+    for key in [*after, *(k for k in before if k not in after)]:
+        old, new = before.get(key, ABSENT), after.get(key, ABSENT)
         if old == new or any(fnmatch.fnmatchcase(key, p) for p in ignored):
             continue
-        line = f"{key}: {old!r} -> {new!r}"
-        (allowed if any(fnmatch.fnmatchcase(key, p) for p in MAY_CHANGE_ON_RESUME) else refused).append(line)
+        known = old is not ABSENT and new is not ABSENT
+        may_change = known and any(fnmatch.fnmatchcase(key, p) for p in MAY_CHANGE_ON_RESUME)
+        (allowed if may_change else refused).append(f"{key}: {old!r} -> {new!r}")
     return refused, allowed
 
 
@@ -470,8 +587,6 @@ def check_resume(saved_path: str | Path, cfg: Config, kind: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the config a run resolves to, as JSON (what ``train.py`` would run)."""
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m vqgen.config",
         description="Print the resolved config as JSON: the file, then the overrides, exactly as train.py resolves it.",

@@ -42,7 +42,6 @@ import torch
 from einops import repeat
 from torch import Tensor
 
-from vqgen.config import ModelConfig
 from vqgen.model import SIZES, Transformer, TransformerConfig
 from vqgen.sampling import generate
 from vqgen.sampling.quantize import quantize, resolve_mode
@@ -137,8 +136,8 @@ class BenchSpec:
 
 def vqgen_model(spec: BenchSpec) -> Transformer:
     """A randomly initialised vqgen transformer of a resolved spec's size, on its device and dtype."""
-    model_cfg = ModelConfig(size=spec.size, dim=spec.dim, depth=spec.depth, heads=spec.heads)
-    cfg = TransformerConfig.from_model_config(model_cfg, spec.vocab, spec.grid, TEXT_DIM)
+    shape = {k: v for k, v in (("dim", spec.dim), ("depth", spec.depth), ("heads", spec.heads)) if v is not None}
+    cfg = TransformerConfig.from_size(spec.size, **shape).complete(spec.vocab, spec.grid, TEXT_DIM)
     torch.manual_seed(spec.seed)
     return Transformer(cfg).to(spec.device, DTYPES[spec.dtype]).eval()
 

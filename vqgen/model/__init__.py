@@ -1,13 +1,11 @@
-"""The text-conditioned transformer over image codes (see ``transformer.py``)."""
+"""The text-conditioned transformer over image codes (see ``transformer.py``).
 
-from vqgen.model.transformer import (
-    SIZES,
-    Context,
-    LayerCache,
-    Transformer,
-    TransformerConfig,
-    apply_rope,
-    rope_tables,
-)
+Its architecture, ``TransformerConfig``, and the named sizes ``SIZES`` are declared in
+``vqgen.config`` beside the run config whose ``model:`` section is one; they are exported here
+with the model they build.
+"""
+
+from vqgen.config import SIZES, TransformerConfig
+from vqgen.model.transformer import Context, LayerCache, Transformer, apply_rope, rope_tables
 
 __all__ = ["SIZES", "Context", "LayerCache", "Transformer", "TransformerConfig", "apply_rope", "rope_tables"]

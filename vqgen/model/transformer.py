@@ -22,15 +22,17 @@ only what ``LayerCache`` states: store new self-attention keys/values and hand b
 attend over, and hold the cross-attention keys/values of the prompt's text. Attention against a
 cache runs in the wider of the model's and the cache's dtype, so a half-precision cache can
 feed fp32 attention math.
+
+The architecture is one ``TransformerConfig`` (``vqgen.config``, beside the named sizes
+``SIZES``); a checkpoint's ``config.json`` holds it under ``"transformer"``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -38,113 +40,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqgen.checkpoint import load_config_json, load_state_into, load_weights, save_pretrained
-from vqgen.config import ConfigError, ModelConfig
+from vqgen.checkpoint import load_architecture, load_config_json, load_state_into, load_weights, save_pretrained
+from vqgen.config import ConfigError, TransformerConfig
 
-# Named sizes. B, L and XL mirror LlamaGen's GPT-B/L/XL (dim, depth, heads). Our blocks add
-# cross-attention (4 * dim^2 parameters per block) that LlamaGen's blocks lack; we pay for it
-# with a SwiGLU MLP ratio of 1.5 instead of LlamaGen's 8/3, which keeps every size within 3%
-# of LlamaGen's count (vocabulary 16,384, 16x16 grid, 384-d text; checked in the tests):
-#   B 114.0M vs 110.9M (+2.8%)    L 348.6M vs 342.9M (+1.7%)    XL 779.9M vs 774.7M (+0.7%)
-# `mini` is the demo's: 128 wide, so ~3 steps/s at batch 64 on 2 CPU cores, with two text
-# blocks. On the demo's 24 px shapes, 1,000 steps without text blocks gave 21% exact match on
-# two-object prompts (the attributes of the two objects swapped at random); with them, 32-80%
-# between runs, and 74-93% at the demo's 1,300 steps.
-# `tiny` is the benchmark's.
-SIZES: dict[str, dict[str, Any]] = {
-    "mini": dict(dim=128, depth=4, heads=4, kv_heads=4, mlp_ratio=2.0, text_depth=2),
-    "tiny": dict(dim=256, depth=4, heads=4, kv_heads=4, mlp_ratio=2.0, text_depth=0),
-    "B": dict(dim=768, depth=12, heads=12, kv_heads=12, mlp_ratio=1.5, text_depth=0),
-    "L": dict(dim=1024, depth=24, heads=16, kv_heads=16, mlp_ratio=1.5, text_depth=0),
-    "XL": dict(dim=1280, depth=36, heads=20, kv_heads=20, mlp_ratio=1.5, text_depth=0),
-}
-
-
-def _round_up(x: float, multiple: int) -> int:
-    return int(math.ceil(x / multiple) * multiple)
-
-
-@dataclass
-class TransformerConfig:
-    """Everything needed to rebuild a ``Transformer``; saved as JSON beside its weights."""
-
-    vocab_size: int  # the tokenizer's codebook size
-    grid: tuple[int, int]  # (h, w) code grid; sequence length h * w in raster order
-    text_dim: int  # width of the text encoder's embeddings
-    dim: int = 256
-    depth: int = 4
-    heads: int = 4
-    kv_heads: int = 4  # grouped-query attention when < heads
-    mlp_hidden: int = 512  # SwiGLU hidden width
-    text_depth: int = 0  # bidirectional self-attention blocks over the projected text
-    dropout: float = 0.0
-    cond_dropout: float = 0.1  # caption dropout probability in training (classifier-free guidance)
-    rope_base: float = 10000.0
-    text_encoder: str = ""  # the text encoder the embeddings come from (name or path)
-    max_text_len: int = 32  # captions are truncated to this many text tokens
-
-    def __post_init__(self) -> None:
-        self.grid = tuple(int(g) for g in self.grid)
-        checks = [
-            (len(self.grid) == 2 and min(self.grid) > 0, f"grid must be (h, w) > 0, got {self.grid}"),
-            (self.dim % self.heads == 0, f"dim ({self.dim}) must be divisible by heads ({self.heads})"),
-            (self.heads % self.kv_heads == 0, f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})"),
-            (self.head_dim % 4 == 0, f"head dim dim/heads ({self.head_dim}) must be divisible by 4 for 2-D rotary"),
-            (0 <= self.cond_dropout < 1, f"cond_dropout must lie in [0, 1), got {self.cond_dropout}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"model config: {message}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
-
-    @property
-    def seq_len(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @classmethod
-    def from_model_config(
-        cls, model_cfg: ModelConfig, vocab_size: int, grid: tuple[int, int], text_dim: int
-    ) -> TransformerConfig:
-        """Resolve ``model_cfg.size`` from ``SIZES`` and apply the fields set on top of it."""
-        if model_cfg.size not in SIZES:
-            raise ConfigError(f"config key 'model.size' is {model_cfg.size!r}; choose one of {list(SIZES)}")
-        size = dict(SIZES[model_cfg.size])
-        for key in ("dim", "depth", "heads", "kv_heads", "mlp_ratio", "text_depth"):
-            if getattr(model_cfg, key) is not None:
-                size[key] = getattr(model_cfg, key)
-        if model_cfg.heads is not None and model_cfg.kv_heads is None:
-            size["kv_heads"] = size["heads"]  # new head count, no GQA unless asked for
-        return cls(
-            vocab_size=vocab_size,
-            grid=grid,
-            text_dim=text_dim,
-            dim=size["dim"],
-            depth=size["depth"],
-            heads=size["heads"],
-            kv_heads=size["kv_heads"],
-            mlp_hidden=_round_up(size["mlp_ratio"] * size["dim"], 64),
-            text_depth=size["text_depth"],
-            dropout=model_cfg.dropout,
-            cond_dropout=model_cfg.cond_dropout,
-            rope_base=model_cfg.rope_base,
-            text_encoder=model_cfg.text_encoder,
-            max_text_len=model_cfg.max_text_len,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"grid": list(self.grid)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TransformerConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown transformer config keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**data)
-
+KIND = "transformer"
 
 # --------------------------------------------------------------------------------------
 # 2-D rotary position embeddings
@@ -334,6 +233,12 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
+        unset = [name for name in ("vocab_size", "grid", "text_dim") if getattr(cfg, name) is None]
+        if unset:
+            raise ConfigError(
+                f"the transformer's config leaves {', '.join(unset)} unset: build it from cfg.complete(vocab_size, "
+                "grid, text_dim), the tokenizer's codebook and grid and the text encoder's width"
+            )
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         # Absolute 2-D positions (row + column), added to the input: rotary positions tell
@@ -385,9 +290,8 @@ class Transformer(nn.Module):
     def context(self, text: Tensor, text_mask: Tensor, drop_cond: Tensor | None = None) -> Context:
         """Text embeddings [B, L, d_text] + mask [B, L] -> the null token and projected text.
 
-        ``drop_cond`` [B] (True = use the null conditioning) defaults to Bernoulli(cond_dropout)
-        draws from the torch RNG in training mode (so a resumed run redraws the same), and to
-        no dropping in eval mode.
+        ``drop_cond`` [B] (True = use the null conditioning) drops those rows' captions, as
+        classifier-free guidance training does; None drops none.
         """
         B, L, d = text.shape if text.ndim == 3 else (None, None, None)
         if d != self.cfg.text_dim:
@@ -397,8 +301,6 @@ class Transformer(nn.Module):
             )
         if text_mask.shape != (B, L) or text_mask.dtype != torch.bool:
             raise ValueError(f"text_mask must be a bool tensor of shape {(B, L)}, got {text_mask.dtype} {tuple(text_mask.shape)}")
-        if drop_cond is None and self.training and self.cfg.cond_dropout > 0:
-            drop_cond = torch.rand(B, device=text.device) < self.cfg.cond_dropout
         if drop_cond is not None:
             text_mask = text_mask & ~drop_cond.to(text_mask.device)[:, None]
         tokens = torch.cat([self.null.expand(B, 1, -1), self.text_proj(text.to(self.null.dtype))], dim=1)  # [B, 1+L, D]
@@ -488,7 +390,7 @@ class Transformer(nn.Module):
             raise ConfigError(
                 f"the transformer expects codebook size {self.cfg.vocab_size} on a {self.cfg.grid[0]}x{self.cfg.grid[1]} "
                 f"grid, but the tokenizer has codebook size {tokenizer_codebook_size} on a {grid[0]}x{grid[1]} grid; "
-                "use the tokenizer this transformer was trained with (model.tokenizer) or retrain the transformer"
+                "use the tokenizer this transformer was trained with (training.transformer.tokenizer) or retrain it"
             )
 
     def save_pretrained(
@@ -502,21 +404,17 @@ class Transformer(nn.Module):
         ``state`` is written as the weights (default: ``self.state_dict()``; the full weights
         gathered from a sharded run)."""
         extra = dict(extra_config or {})
-        if "transformer" in extra:
-            raise ValueError("extra_config must not have a 'transformer' key: it holds the model's own config")
+        if KIND in extra:
+            raise ValueError(f"extra_config must not have a {KIND!r} key: it holds the model's architecture")
         weights = self.state_dict() if state is None else state
-        return save_pretrained(directory, "transformer", {"transformer": self.cfg.to_dict(), **extra}, weights)
+        return save_pretrained(directory, KIND, {KIND: dataclasses.asdict(self.cfg), **extra}, weights)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Transformer:
         """Rebuild from ``config.json`` and load ``model.safetensors`` (the EMA weights when the
         run kept an EMA: the training loop exports those)."""
         directory = Path(directory)
-        config = load_config_json(directory, "transformer")
-        if "transformer" not in config:
-            raise ConfigError(f"{directory / 'config.json'} has no 'transformer' entry; it was not written by Transformer.save_pretrained")
-        cfg = TransformerConfig.from_dict(config["transformer"], source=str(directory / "config.json"))
-        model = cls(cfg)
+        model = cls(load_architecture(load_config_json(directory, KIND), KIND, TransformerConfig, directory))
         path = directory / "model.safetensors"
         load_state_into(model, load_weights(path), path)
         return model.to(device)

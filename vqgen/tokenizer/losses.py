@@ -8,7 +8,7 @@ term sees detached reconstructions (gradients reach the discriminator only). The
 loop steps the two parameter sets with their own learning rates, betas and gradient clips
 (``vqgen.train.tokenizer.tokenizer_optimizers``).
 
-LPIPS weights are never downloaded. Point ``tokenizer.lpips_path`` at a local file (see
+LPIPS weights are never downloaded. Point ``training.tokenizer.lpips_path`` at a local file (see
 ``load_lpips`` for the accepted layouts).
 """
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from vqgen.checkpoint import load_state_into, load_weights
-from vqgen.config import ConfigError, TokenizerConfig
+from vqgen.config import ConfigError, TokenizerTrainConfig
 from vqgen.tokenizer.model import VQTokenizer, group_norm
 
 # --------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ LPIPS_HOWTO = (
     "{'features.' + k: v for k, v in torchvision.models.vgg16(weights='IMAGENET1K_V1').features.state_dict().items()} "
     "merged with the LPIPS v0.1 linear layers (the lpips package's weights/v0.1/vgg.pth, keys 'lin0.model.1.weight' ...), "
     "saved with safetensors.torch.save_file; a full lpips.LPIPS(net='vgg').state_dict() works too. "
-    "Or set tokenizer.perceptual_weight=0."
+    "Or set training.tokenizer.perceptual_weight=0."
 )
 
 
@@ -142,7 +142,7 @@ def load_lpips(path: str | Path) -> LPIPS:
     path = Path(path) if path else None
     if path is None or not path.is_file():
         raise ConfigError(
-            f"tokenizer.perceptual_weight > 0 needs LPIPS weights at 'tokenizer.lpips_path', "
+            f"training.tokenizer.perceptual_weight > 0 needs LPIPS weights at 'training.tokenizer.lpips_path', "
             f"but {'it is empty' if path is None else f'{str(path)!r} does not exist'}. {LPIPS_HOWTO}"
         )
     if path.suffix == ".safetensors":
@@ -168,9 +168,10 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
 
 
 class TokenizerTrainer(nn.Module):
-    """Everything trainable for the tokenizer in one module: ``forward(batch, step) -> (loss, metrics)``."""
+    """Everything trainable for the tokenizer in one module: ``forward(batch, step) -> (loss, metrics)``,
+    with the loss weights of ``cfg`` (``training.tokenizer``)."""
 
-    def __init__(self, tokenizer: VQTokenizer, cfg: TokenizerConfig):
+    def __init__(self, tokenizer: VQTokenizer, cfg: TokenizerTrainConfig):
         super().__init__()
         self.tokenizer, self.cfg = tokenizer, cfg
         # 3 strided layers as in pix2pix, fewer on small images so some patches remain

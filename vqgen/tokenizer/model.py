@@ -11,13 +11,16 @@ Two encoders share one convolutional decoder:
 The quantizer comes from ``vector-quantize-pytorch``: ``FSQ`` (implicit codebook, no
 auxiliary loss) or ``VectorQuantize`` with l2-normalised low-dimensional codes, k-means
 init, dead-code restart and a commitment loss. It always runs in fp32, even under autocast.
+
+The architecture is one ``TokenizerConfig`` (``vqgen.config``); a checkpoint's ``config.json``
+holds it under ``"tokenizer"``, beside the input ``resolution``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +28,15 @@ from einops import rearrange
 from torch import Tensor, nn
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
-from vqgen.checkpoint import CheckpointError, load_config_json, load_state_into, load_weights, save_pretrained
-from vqgen.config import ConfigError, TokenizerConfig, from_dict
+from vqgen.checkpoint import (
+    CheckpointError,
+    load_architecture,
+    load_config_json,
+    load_state_into,
+    load_weights,
+    save_pretrained,
+)
+from vqgen.config import ConfigError, TokenizerConfig
 
 KIND = "tokenizer"
 
@@ -279,26 +289,21 @@ class VQTokenizer(nn.Module):
 
     # -- checkpoints --------------------------------------------------------------------
 
-    def config_dict(self) -> dict[str, Any]:
-        return {"resolution": self.resolution, **vars(self.cfg)}
-
     def save_pretrained(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
-        """Write ``directory/{config.json, model.safetensors}``: this tokenizer's config with
-        ``state`` (default: its own ``state_dict()``; the full weights gathered from a sharded run)."""
-        return save_pretrained(directory, KIND, self.config_dict(), self.state_dict() if state is None else state)
+        """Write ``directory/{config.json, model.safetensors}``: the architecture and input
+        resolution with ``state`` (default: its own ``state_dict()``; the full weights gathered
+        from a sharded run)."""
+        config = {KIND: dataclasses.asdict(self.cfg), "resolution": self.resolution}
+        return save_pretrained(directory, KIND, config, self.state_dict() if state is None else state)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VQTokenizer":
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VQTokenizer:
         """Load a tokenizer written by ``save_pretrained``, in eval mode."""
         config = load_config_json(directory, KIND)
-        config.pop("training_state", None)  # how far training got, not part of the architecture
-        resolution = config.pop("resolution", None)
+        cfg = load_architecture(config, KIND, TokenizerConfig, directory)
+        resolution = config.get("resolution")
         if not isinstance(resolution, int):
             raise CheckpointError(f"{Path(directory) / 'config.json'} lacks an integer 'resolution'")
-        try:
-            cfg = from_dict(TokenizerConfig, config)
-        except ConfigError as e:
-            raise CheckpointError(f"{Path(directory) / 'config.json'}: {e}") from None
         model = cls(cfg, resolution)
         path = Path(directory) / "model.safetensors"
         load_state_into(model, load_weights(path), path)

@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from accelerate import PartialState
 from einops import rearrange
 from PIL import Image
 from torch import nn
 
 from vqgen.checkpoint import atomic_write_text, load_state_into, substate, training_state
-from vqgen.config import Config, TokenizerConfig, TrainConfig, load_config
+from vqgen.config import Config, TokenizerTrainConfig, load_config
 from vqgen.data.loaders import WebDatasetSamples, build_dataset, has_heldout
+from vqgen.data.shapes import ShapesDataset
 from vqgen.data.splits import describe_heldout, heldout_dataset, training_images
 from vqgen.eval.tokenizer import evaluate_tokenizer
 from vqgen.tokenizer import TokenizerTrainer, VQTokenizer
@@ -59,8 +61,6 @@ class FreshShapes:
     """
 
     def __init__(self, cfg: Config, batch_size: int):
-        from vqgen.data.shapes import ShapesDataset
-
         every_combination = dataclasses.replace(cfg.data, holdout=[])
         self.dataset = ShapesDataset.from_config(every_combination, split="train", num=ENDLESS)
         self.batch_size = batch_size
@@ -77,8 +77,6 @@ def training_batches(cfg: Config, device: torch.device | str | None = None):
     if cfg.data.kind == "shapes":
         return FreshShapes(cfg, batch_size)
     if device is None:
-        from accelerate import PartialState
-
         device = PartialState().device
     dataset = build_dataset(cfg.data, "train")
     if isinstance(dataset, WebDatasetSamples):
@@ -115,7 +113,7 @@ def make_preview(cfg: Config):
     return preview
 
 
-def tokenizer_optimizers(model: TokenizerTrainer, train: TrainConfig, tok: TokenizerConfig) -> list[OptimizerSpec]:
+def tokenizer_optimizers(model: TokenizerTrainer, train: TokenizerTrainConfig) -> list[OptimizerSpec]:
     """The tokenizer (encoder, quantizer, decoder) and the discriminator as two parameter sets:
     GAN training wants its own learning rate and betas for the discriminator, and a clip by its
     own gradient norm, which a joint norm would let the other network's gradients dominate."""
@@ -125,9 +123,9 @@ def tokenizer_optimizers(model: TokenizerTrainer, train: TrainConfig, tok: Token
         sets.append(OptimizerSpec(
             "discriminator",
             default_param_groups(model.discriminator, train.weight_decay),
-            lr=train.lr if tok.disc_lr is None else tok.disc_lr,
-            betas=tuple(train.betas if tok.disc_betas is None else tok.disc_betas),
-            grad_clip=train.grad_clip if tok.disc_grad_clip is None else tok.disc_grad_clip,
+            lr=train.lr if train.disc_lr is None else train.disc_lr,
+            betas=tuple(train.betas if train.disc_betas is None else train.disc_betas),
+            grad_clip=train.grad_clip if train.disc_grad_clip is None else train.disc_grad_clip,
         ))  # fmt: skip
     return sets
 
@@ -137,11 +135,11 @@ def build_task(cfg: Config) -> Task:
     tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
     return Task(
         kind="tokenizer",
-        model=TokenizerTrainer(tokenizer, cfg.tokenizer),
+        model=TokenizerTrainer(tokenizer, cfg.training.tokenizer),
         batches=training_batches(cfg),
         export=lambda state, directory: tokenizer.save_pretrained(directory, substate(state, "tokenizer")),
         preview=make_preview(cfg),
-        optimizers=lambda model, train: tokenizer_optimizers(model, train, cfg.tokenizer),
+        optimizers=tokenizer_optimizers,
     )
 
 

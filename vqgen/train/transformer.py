@@ -21,20 +21,33 @@ from torch import Tensor, nn
 
 from vqgen.checkpoint import atomic_write_text, substate, training_state
 from vqgen.config import Config, ConfigError
-from vqgen.model import Transformer, TransformerConfig
+from vqgen.data.codes import CodeShards, encode_dataset
+from vqgen.eval.grid import grid_image
+from vqgen.model import Transformer
+from vqgen.sampling import generate, sampling_options
+from vqgen.text import EmbeddingCache, TextEncoder
+from vqgen.tokenizer import VQTokenizer
 from vqgen.train.loop import IndexedBatches, OptimizerSpec, Task, fit, setup_accelerator
 
 
 class NextCodeLoss(nn.Module):
-    """Wraps the transformer for the loop: ``forward(batch, step) -> (cross-entropy, metrics)``."""
+    """Wraps the transformer for the loop: ``forward(batch, step) -> (cross-entropy, metrics)``.
 
-    def __init__(self, transformer: Transformer):
+    In training mode each caption is dropped with probability ``cond_dropout`` (the model then
+    sees only its null token), which teaches the unconditional prediction classifier-free
+    guidance needs; the draws come from the torch RNG, so a resumed run redraws the same."""
+
+    def __init__(self, transformer: Transformer, cond_dropout: float):
         super().__init__()
-        self.transformer = transformer
+        self.transformer, self.cond_dropout = transformer, cond_dropout
 
     def forward(self, batch: dict, step: int) -> tuple[Tensor, dict]:
         codes = rearrange(batch["codes"], "b h w -> b (h w)")  # [B, N]
-        logits = self.transformer(codes, batch["text"], batch["text_mask"])  # [B, N, V]
+        text = batch["text"]
+        drop = None
+        if self.training and self.cond_dropout > 0:
+            drop = torch.rand(codes.shape[0], device=text.device) < self.cond_dropout  # [B]
+        logits = self.transformer(codes, text, batch["text_mask"], drop_cond=drop)  # [B, N, V]
         loss = F.cross_entropy(rearrange(logits.float(), "b n v -> (b n) v"), rearrange(codes, "b n -> (b n)"))
         return loss, {"tokens": codes.numel()}
 
@@ -66,8 +79,6 @@ def unigram_loss(shards) -> float:
 def prepare_codes(cfg: Config, out_dir: Path, accelerator):
     """Code shards for training: ``data.codes`` if given, else encode ``cfg.data`` once into
     ``<out_dir>/codes`` with the tokenizer (resumable; split across processes)."""
-    from vqgen.data.codes import CodeShards, encode_dataset
-
     if cfg.data.codes:
         return CodeShards(cfg.data.codes)
     codes_dir = Path(out_dir) / "codes"
@@ -76,22 +87,21 @@ def prepare_codes(cfg: Config, out_dir: Path, accelerator):
 
 
 def tokenizer_dir(cfg: Config, out_dir: Path) -> Path:
-    """``model.tokenizer``, or the run's ``tokenizer/`` beside the transformer's directory."""
-    path = Path(cfg.model.tokenizer) if cfg.model.tokenizer else Path(out_dir).parent / "tokenizer"
+    """``training.transformer.tokenizer``, or the run's ``tokenizer/`` beside the transformer's directory."""
+    given = cfg.training.transformer.tokenizer
+    path = Path(given) if given else Path(out_dir).parent / "tokenizer"
     if not (path / "config.json").is_file():
         raise ConfigError(
             f"no tokenizer checkpoint at {path}: train one first (python train.py tokenizer) or set "
-            "model.tokenizer=DIR"
+            "training.transformer.tokenizer=DIR"
         )
     return path
 
 
 def build_text(cfg: Config, out_dir: Path, captions: list[str], accelerator):
     """The frozen text encoder and an embedding cache holding every training caption."""
-    from vqgen.text import EmbeddingCache, TextEncoder
-
     encoder = TextEncoder(cfg.model.text_encoder, max_length=cfg.model.max_text_len)
-    cache = EmbeddingCache(cfg.model.text_cache or Path(out_dir) / "text_cache", encoder)
+    cache = EmbeddingCache(cfg.training.transformer.text_cache or Path(out_dir) / "text_cache", encoder)
     unique = sorted(set(captions))
     rank, world = accelerator.process_index, accelerator.num_processes
     cache.build(unique[rank::world])  # each process encodes its share, then all read all
@@ -102,9 +112,6 @@ def build_text(cfg: Config, out_dir: Path, captions: list[str], accelerator):
 
 def make_preview(cfg: Config, encoder, tokenizer):
     """A grid of samples for ``sampling.prompts`` (fixed seeds, so grids compare across steps)."""
-    from vqgen.eval.grid import grid_image
-    from vqgen.sampling import generate, sampling_options
-
     prompts = cfg.sampling.prompts
     if not prompts:
         return None
@@ -124,8 +131,6 @@ def make_preview(cfg: Config, encoder, tokenizer):
 def train_transformer(cfg: Config, out_dir: Path) -> dict:
     """Train (or resume) the transformer into ``out_dir``; returns the final training metrics
     plus ``unigram_loss`` and ``training_state`` (also written to ``<out_dir>/report.json``)."""
-    from vqgen.tokenizer import VQTokenizer
-
     out_dir = Path(out_dir)
     train_cfg = cfg.training.transformer
     accelerator = setup_accelerator(train_cfg, out_dir)
@@ -139,13 +144,13 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
         )
     encoder, cache = build_text(cfg, out_dir, shards.captions, accelerator)
 
-    model_cfg = TransformerConfig.from_model_config(cfg.model, tokenizer.codebook_size, tokenizer.grid, encoder.dim)
+    model_cfg = cfg.model.complete(tokenizer.codebook_size, tokenizer.grid, encoder.dim)
     transformer = Transformer(model_cfg)
     accelerator.print(f"transformer: {transformer.num_params() / 1e6:.2f}M parameters, {model_cfg.seq_len} codes per image")
     extra = {"tokenizer": str(tokenizer_dir(cfg, out_dir)), "run": cfg.to_dict()}
     task = Task(
         kind="transformer",
-        model=NextCodeLoss(transformer),
+        model=NextCodeLoss(transformer, train_cfg.cond_dropout),
         batches=CodeTextBatches(shards, cache, train_cfg.batch_size, train_cfg.seed, accelerator.device),
         export=lambda state, directory: transformer.save_pretrained(
             directory, extra_config=extra, state=substate(state, "transformer")
