@@ -416,9 +416,8 @@ def speculative_unavailable(opts: Options) -> str | None:
 
 
 def serve_unavailable(opts: Options) -> str | None:
-    from vqgen.bench.__main__ import COMMANDS
-
-    return None if "serve" in COMMANDS else "vqgen.bench has no serve command yet (the serving load benchmark)"
+    present = importlib.util.find_spec("vqgen.bench.serve") is not None
+    return None if present else "vqgen.bench has no serve command yet (the serving load benchmark)"
 
 
 @dataclass(frozen=True)
