@@ -15,9 +15,9 @@ from toy_task import train_toy, two_sets
 from vqgen.checkpoint import load_weights
 from vqgen.config import TrainConfig
 from vqgen.train.backends import clip_gradients
+from vqgen.train.batches import IndexedBatches
 from vqgen.train.loop import (
     EMA,
-    IndexedBatches,
     OptimizerSpec,
     TrainingError,
     build_optimizer,

@@ -15,7 +15,8 @@ from torch import nn
 
 from vqgen.checkpoint import save_pretrained
 from vqgen.config import Config, TrainConfig, from_dict
-from vqgen.train.loop import IndexedBatches, OptimizerSpec, Task, fit, setup_accelerator
+from vqgen.train.batches import IndexedBatches
+from vqgen.train.loop import OptimizerSpec, Task, fit, setup_accelerator
 
 
 class Regression(nn.Module):

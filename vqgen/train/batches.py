@@ -1,14 +1,18 @@
-"""Training batches of real data, decoded in DataLoader workers, as the loop's pure function.
+"""The training data order: a batch as a pure function of ``(micro-step, rank, world)``.
 
 The loop asks ``batches(i, rank, world)`` for micro-step ``i`` and relies on the answer being
 a function of its arguments alone: that is what makes a resumed run read what an
-uninterrupted one would. Both classes here keep that contract while decoding ahead in
-``data.num_workers`` worker processes: a DataLoader is started at the first step asked for and
-read in order (it yields batch ``n`` for step ``start + n``); a step asked for out of order
-starts a new one there.
+uninterrupted one would.
+
+* :class:`IndexedBatches` (a map-style dataset read in this process: code shards, small sets):
+  step ``i`` reads positions of an endless stream of seeded permutations.
+
+The loader classes keep that contract while decoding real data ahead in ``data.num_workers``
+worker processes: a DataLoader is started at the first step asked for and read in order (it
+yields batch ``n`` for step ``start + n``); a step asked for out of order starts a new one there.
 
 * :class:`FolderBatches` (a map-style dataset, e.g. an image folder): step ``i`` reads the
-  positions :class:`~vqgen.train.loop.IndexedBatches` gives it, exactly as without workers.
+  positions :class:`IndexedBatches` gives it, exactly as without workers.
 * :class:`ShardBatches` (WebDataset shards): each process's shards are split among
   ``slots`` readers (the DataLoader workers; 1 without them) by :func:`~vqgen.data.loaders.shards_of`,
   so no shard is read twice in an epoch; reader ``s`` reads its shards epoch after epoch
@@ -34,6 +38,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
@@ -47,7 +52,46 @@ from vqgen.data.loaders import (
     WebDatasetSamples,
     collate_usable,
 )
-from vqgen.train.loop import IndexedBatches
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors, list everything else (captions, scenes)."""
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+class IndexedBatches:
+    """Batches of a map-style dataset as a pure function of ``(i, rank, world)``.
+
+    The global batch of micro-step ``i`` is positions ``[i * world * B, (i + 1) * world * B)``
+    of an endless stream of epochs, each a permutation seeded by ``(seed, epoch)``; rank ``r``
+    takes its contiguous slice. So resuming at step ``s`` reads exactly what an uninterrupted
+    run would, and processes never read the same sample within a step.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, shuffle: bool = True):
+        if len(dataset) == 0:
+            raise ValueError("the training dataset is empty")
+        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            n = len(self.dataset)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._perm = (epoch, order)
+        return self._perm[1]
+
+    def indices(self, i: int, rank: int, world: int) -> list[int]:
+        n = len(self.dataset)
+        start = (i * world + rank) * self.batch_size
+        return [int(self._order(p // n)[p % n]) for p in range(start, start + self.batch_size)]
+
+    def __call__(self, i: int, rank: int, world: int) -> dict:
+        return collate([self.dataset[j] for j in self.indices(i, rank, world)])
 
 
 class LoaderBatches(abc.ABC):

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -197,51 +196,6 @@ def lr_at(step: int, cfg: TrainConfig, peak: float | None = None) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     floor = peak * cfg.min_lr_ratio
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-# --------------------------------------------------------------------------------------
-# Data: a pure function of (micro-step, rank, world)
-# --------------------------------------------------------------------------------------
-
-
-def collate(samples: list[dict]) -> dict:
-    """Stack tensors, list everything else (captions, scenes)."""
-    out = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return out
-
-
-class IndexedBatches:
-    """Batches of a map-style dataset as a pure function of ``(i, rank, world)``.
-
-    The global batch of micro-step ``i`` is positions ``[i * world * B, (i + 1) * world * B)``
-    of an endless stream of epochs, each a permutation seeded by ``(seed, epoch)``; rank ``r``
-    takes its contiguous slice. So resuming at step ``s`` reads exactly what an uninterrupted
-    run would, and processes never read the same sample within a step.
-    """
-
-    def __init__(self, dataset, batch_size: int, seed: int = 0, shuffle: bool = True):
-        if len(dataset) == 0:
-            raise ValueError("the training dataset is empty")
-        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            n = len(self.dataset)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._perm = (epoch, order)
-        return self._perm[1]
-
-    def indices(self, i: int, rank: int, world: int) -> list[int]:
-        n = len(self.dataset)
-        start = (i * world + rank) * self.batch_size
-        return [int(self._order(p // n)[p % n]) for p in range(start, start + self.batch_size)]
-
-    def __call__(self, i: int, rank: int, world: int) -> dict:
-        return collate([self.dataset[j] for j in self.indices(i, rank, world)])
 
 
 # --------------------------------------------------------------------------------------

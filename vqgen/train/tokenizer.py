@@ -35,13 +35,12 @@ from vqgen.data.shapes import ShapesDataset
 from vqgen.data.splits import describe_heldout, heldout_dataset, training_images
 from vqgen.eval.tokenizer import evaluate_tokenizer
 from vqgen.tokenizer import TokenizerTrainer, VQTokenizer
-from vqgen.train.batches import FolderBatches, LoaderBatches, ShardBatches
+from vqgen.train.batches import FolderBatches, LoaderBatches, ShardBatches, collate
 from vqgen.train.loop import (
     EMA_FILE,
     OptimizerSpec,
     Task,
     checkpoint_state,
-    collate,
     default_param_groups,
     fit,
     setup_accelerator,

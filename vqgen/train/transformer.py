@@ -27,7 +27,8 @@ from vqgen.model import Transformer
 from vqgen.sampling import generate, sampling_options
 from vqgen.text import EmbeddingCache, TextEncoder
 from vqgen.tokenizer import VQTokenizer
-from vqgen.train.loop import IndexedBatches, OptimizerSpec, Task, fit, setup_accelerator
+from vqgen.train.batches import IndexedBatches
+from vqgen.train.loop import OptimizerSpec, Task, fit, setup_accelerator
 
 
 class NextCodeLoss(nn.Module):
