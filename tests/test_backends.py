@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from toy_task import train_toy
-from vqgen.checkpoint import load_weights
+from vqgen.checkpoint import latest_checkpoint, load_weights
 from vqgen.config import TrainConfig
 from vqgen.train.backends import BackendError, configure_deepspeed, use_safe_deepspeed_checkpoints
-from vqgen.train.loop import latest_checkpoint
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

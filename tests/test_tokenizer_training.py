@@ -131,7 +131,7 @@ def test_eval_cli_prints_and_writes_json(tmp_path, capsys):
 
 def test_eval_cli_measures_a_training_checkpoints_raw_or_ema_weights(tmp_path, capsys):
     from vqgen.checkpoint import load_weights
-    from vqgen.train.tokenizer import tokenizer_from_checkpoint
+    from vqgen.eval.tokenizer import tokenizer_from_checkpoint
 
     cfg = load_config(SHAPES, [*TINY_SHAPES, "training.tokenizer.steps=4", "training.tokenizer.ema_decay=0.9"])
     train_tokenizer(cfg, tmp_path, eval_num=0)
@@ -233,9 +233,9 @@ def test_vq_resume_after_sigterm_is_bit_exact(tmp_path, sigterm_at):
 def test_discriminator_has_its_own_optimizer_state_and_resumes_exactly(tmp_path, sigterm_at):
     """training.tokenizer.disc_lr / disc_betas / disc_grad_clip give the discriminator its own AdamW
     settings; its moments are checkpointed and restored, so a GAN run resumes bit-exactly."""
-    from vqgen.checkpoint import load_weights
+    from vqgen.checkpoint import latest_checkpoint, load_weights
     from vqgen.train import tokenizer as tt
-    from vqgen.train.loop import latest_checkpoint, lr_at
+    from vqgen.train.optim import lr_at
 
     overrides = [*TINY_SHAPES, "training.tokenizer.gan_weight=0.5", "training.tokenizer.gan_start_step=0",
                  "training.tokenizer.disc_lr=1e-3", "training.tokenizer.disc_betas=[0.5, 0.9]",

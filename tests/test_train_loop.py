@@ -12,19 +12,14 @@ from torch import nn
 
 import toy_task
 from toy_task import train_toy, two_sets
-from vqgen.checkpoint import load_weights
+from vqgen.checkpoint import latest_checkpoint, load_weights
 from vqgen.config import TrainConfig
 from vqgen.train.backends import clip_gradients
 from vqgen.train.batches import IndexedBatches
-from vqgen.train.loop import (
-    EMA,
-    OptimizerSpec,
-    TrainingError,
-    build_optimizer,
-    latest_checkpoint,
-    lr_at,
-    setup_accelerator,
-)
+from vqgen.train import TrainingError
+from vqgen.train.ema import EMA
+from vqgen.train.loop import setup_accelerator
+from vqgen.train.optim import OptimizerSpec, build_optimizer, lr_at
 
 HERE = Path(__file__).parent
 

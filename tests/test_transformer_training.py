@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vqgen.checkpoint import load_weights
+from vqgen.checkpoint import latest_checkpoint, load_weights
 from vqgen.config import ConfigError, load_config
-from vqgen.train.loop import latest_checkpoint
 
 ROOT = Path(__file__).parent.parent
 SHAPES = ROOT / "configs" / "shapes.yaml"  # the CPU demo; the TINY overrides shrink it further

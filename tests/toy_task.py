@@ -16,7 +16,8 @@ from torch import nn
 from vqgen.checkpoint import save_pretrained
 from vqgen.config import Config, TrainConfig, from_dict
 from vqgen.train.batches import IndexedBatches
-from vqgen.train.loop import OptimizerSpec, Task, fit, setup_accelerator
+from vqgen.train.loop import Task, fit, setup_accelerator
+from vqgen.train.optim import OptimizerSpec
 
 
 class Regression(nn.Module):

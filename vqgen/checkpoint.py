@@ -1,4 +1,7 @@
-"""Checkpoint directories: ``config.json`` + ``model.safetensors``.
+"""Checkpoint directories: exported ones (``config.json`` + ``model.safetensors``) and the
+training checkpoints of a run (``<out_dir>/checkpoints/step_XXXXXXXX/``), read here without
+Accelerate, so that evaluation reads them without the training code (``vqgen.train``
+writes them).
 
 Every file is written to a temporary name and renamed into place, so a crash mid-write
 never leaves a half-written checkpoint behind. Loading never unpickles anything: weights are
@@ -14,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -186,3 +189,61 @@ def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], sou
             lines.append(f"  unexpected keys: {', '.join(unexpected[:20])}")
         raise CheckpointError("\n".join(lines))
     module.load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------
+# Training checkpoints: <out_dir>/checkpoints/step_XXXXXXXX/
+#   Accelerate's state (model.safetensors, optimizer, RNG states; per-process shards under FSDP
+#   or DeepSpeed), the run config (config.json), the EMA weights (ema.safetensors, or one
+#   ema.rankNNNNN.safetensors per process under FSDP) and trainer_state.json, written last.
+# --------------------------------------------------------------------------------------
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # {"kind", "step", "processes", "layout"[, "ema_updates"]}
+EMA_FILE = "ema.safetensors"  # in a checkpoint of an unsharded run: the full EMA weights
+
+
+def step_dir(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINTS / f"step_{step:08d}"
+
+
+def ema_shard_file(rank: int) -> str:
+    """Under FSDP each process saves the EMA of its own shards to a file of its own."""
+    return f"ema.rank{rank:05d}.safetensors"
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete training checkpoint of the run in ``out_dir``, or ``None``."""
+    root = Path(out_dir) / CHECKPOINTS
+    done = sorted(p for p in root.glob("step_*") if (p / TRAINER_STATE).is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of the training checkpoint ``path``."""
+    state_file = Path(path) / TRAINER_STATE
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a training checkpoint (it has no {TRAINER_STATE})")
+    return json.loads(state_file.read_text())
+
+
+def checkpoint_state(path: str | Path, weights: Literal["raw", "ema"] = "raw") -> dict[str, torch.Tensor]:
+    """The full state dict of the model in the training checkpoint ``path``
+    (``<out_dir>/checkpoints/step_XXXXXXXX``): its trained weights (``weights="raw"``), or its
+    EMA weights with the buffers as trained (``"ema"``: what the run's export holds).
+
+    Reads checkpoints of unsharded runs (a single process or DDP); FSDP and DeepSpeed keep
+    their weights in per-process shards."""
+    path = Path(path)
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights={weights!r}; use 'raw' or 'ema'")
+    saved = read_trainer_state(path)["layout"]
+    if saved != "replicated":
+        raise CheckpointError(f"{path} holds the per-process shards of {'an FSDP' if saved == 'fsdp' else 'a DeepSpeed'} "
+                              "run; resume that run to export its full weights")
+    state = load_weights(path / "model.safetensors")  # Accelerate's name for the one prepared model
+    if weights == "ema":
+        if not (path / EMA_FILE).is_file():
+            raise CheckpointError(f"{path} has no {EMA_FILE}: its run kept no EMA (ema_decay 0); use its raw weights")
+        state |= load_weights(path / EMA_FILE)  # parameters only: buffers stay as trained, as in the export
+    return state

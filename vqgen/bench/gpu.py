@@ -304,7 +304,8 @@ def train_steps(config: Path, overrides: list[str], opts: Options, rec: Recorder
     from vqgen.checkpoint import substate
     from vqgen.config import load_config
     from vqgen.model import Transformer, TransformerConfig
-    from vqgen.train.loop import OptimizerSpec, Task, fit, setup_accelerator
+    from vqgen.train.loop import Task, fit, setup_accelerator
+    from vqgen.train.optim import OptimizerSpec
     from vqgen.train.transformer import NextCodeLoss
 
     steps = 4 if opts.quick else 50

@@ -17,13 +17,13 @@ import math
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from einops import rearrange, reduce
 from torch.utils.data import Dataset
 
-from vqgen.checkpoint import atomic_write_text
+from vqgen.checkpoint import EMA_FILE, atomic_write_text, checkpoint_state, load_state_into, substate
 from vqgen.config import ConfigError, DataConfig, load_config
 from vqgen.data.splits import heldout_dataset
 from vqgen.eval.fid import InceptionFeatures, MetricsError, frechet_distance, inception_features, load_inception
@@ -153,12 +153,25 @@ def _data_config(args: argparse.Namespace, run_config: Path, resolution: int, do
     return cfg.data
 
 
+def tokenizer_from_checkpoint(
+    path: str | Path, weights: Literal["raw", "ema"] | None = None, device: torch.device | str = "cpu"
+) -> tuple[VQTokenizer, str]:
+    """The tokenizer in the training checkpoint ``path`` (``<out_dir>/checkpoints/step_XXXXXXXX``),
+    in eval mode, and which weights it holds: ``"raw"`` (as trained) or ``"ema"``. ``weights``
+    defaults to what the run's export holds: the EMA weights when the run keeps them."""
+    path = Path(path)
+    if weights is None:
+        weights = "ema" if (path / EMA_FILE).is_file() else "raw"
+    cfg = load_config(path / "config.json")  # the run config, saved in every checkpoint
+    tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
+    load_state_into(tokenizer, substate(checkpoint_state(path, weights), "tokenizer"), path)
+    return tokenizer.to(device).eval(), weights
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint = Path(args.checkpoint)
     if (checkpoint / "trainer_state.json").is_file():  # a training checkpoint: config.json is the run's
-        from vqgen.train.tokenizer import tokenizer_from_checkpoint
-
         tokenizer, weights = tokenizer_from_checkpoint(checkpoint, args.weights, device)
         run_config = checkpoint / "config.json"
     elif args.weights is not None:

@@ -24,6 +24,8 @@ import pickle
 from typing import Any
 
 import torch
+from accelerate import __version__ as accelerate_version
+from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 
 from vqgen.config import TrainConfig
@@ -37,16 +39,12 @@ def layout(accelerator) -> str:
     """How the parameters and optimizer state lie across processes: ``"fsdp"`` (parameters,
     gradients and optimizer state sharded), ``"deepspeed"`` (ZeRO 1/2: optimizer state and
     gradients sharded, parameters whole on every process) or ``"replicated"`` (one process, DDP)."""
-    from accelerate.utils import DistributedType
-
     kind = accelerator.distributed_type
     return {DistributedType.FSDP: "fsdp", DistributedType.DEEPSPEED: "deepspeed"}.get(kind, "replicated")
 
 
 def check_backend(accelerator, cfg: TrainConfig) -> None:
     """Refuse the setups this loop would not train as asked, and fit DeepSpeed's config to ``cfg``."""
-    from accelerate import __version__ as accelerate_version
-
     kind, device = accelerator.distributed_type, accelerator.device.type
     for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
         # Accelerate switches to FSDP and DeepSpeed only on accelerators (CUDA, XPU, NPU, ...): on
@@ -110,6 +108,18 @@ def configure_deepspeed(accelerator, cfg: TrainConfig) -> None:
                 f"the DeepSpeed config sets {key}={given}, but the run config gives {value} ({source}); set it to "
                 '"auto" in the DeepSpeed config (vqgen fills it from the run config) or make the two agree'
             )
+
+
+def check_grad_clips(accelerator, clips: dict[str, float], cfg: TrainConfig, kind: str) -> None:
+    """Refuse parameter sets (name -> max gradient norm) that ask for a clip of their own under
+    DeepSpeed, whose engine clips all gradients jointly by ``cfg.grad_clip``."""
+    odd = [name for name, clip in clips.items() if clip != cfg.grad_clip]
+    if layout(accelerator) == "deepspeed" and odd:
+        raise BackendError(
+            f"the {odd[0]!r} parameters of the {kind} ask for their own gradient clip ({clips[odd[0]]}), but "
+            f"DeepSpeed's engine clips all gradients jointly by training.{kind}.grad_clip ({cfg.grad_clip}); "
+            "make the two agree, or train under DDP or FSDP"
+        )
 
 
 def has_loss_scaler(accelerator) -> bool:

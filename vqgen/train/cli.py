@@ -19,6 +19,7 @@ from pathlib import Path
 
 from vqgen.checkpoint import CheckpointError
 from vqgen.config import Config, ConfigError, TrainConfig, field_choices, resolve_run
+from vqgen.train import TrainingError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,8 +54,6 @@ def resolve(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from vqgen.train.loop import TrainingError
-
     try:
         cfg = resolve(args)
         out = Path(cfg.out_dir)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Literal
 
 import torch
 from accelerate import PartialState
@@ -28,23 +27,16 @@ from einops import rearrange
 from PIL import Image
 from torch import nn
 
-from vqgen.checkpoint import atomic_write_text, load_state_into, substate, training_state
-from vqgen.config import Config, TokenizerTrainConfig, load_config
+from vqgen.checkpoint import atomic_write_text, substate, training_state
+from vqgen.config import Config, TokenizerTrainConfig
 from vqgen.data.loaders import WebDatasetSamples, build_dataset, has_heldout
 from vqgen.data.shapes import ShapesDataset
 from vqgen.data.splits import describe_heldout, heldout_dataset, training_images
 from vqgen.eval.tokenizer import evaluate_tokenizer
 from vqgen.tokenizer import TokenizerTrainer, VQTokenizer
 from vqgen.train.batches import FolderBatches, LoaderBatches, ShardBatches, collate
-from vqgen.train.loop import (
-    EMA_FILE,
-    OptimizerSpec,
-    Task,
-    checkpoint_state,
-    default_param_groups,
-    fit,
-    setup_accelerator,
-)
+from vqgen.train.loop import Task, fit, setup_accelerator
+from vqgen.train.optim import OptimizerSpec, default_param_groups
 
 # index space of the "endless" training stream of shapes scenes
 ENDLESS = 2**62
@@ -171,19 +163,3 @@ def train_tokenizer(cfg: Config, out_dir: Path, eval_num: int = 512) -> dict:
         metrics["train_psnr"] = train["psnr"]
     # no barrier here: fit() has ended training (and the process group); other ranks just return
     return metrics
-
-
-def tokenizer_from_checkpoint(
-    path: str | Path, weights: Literal["raw", "ema"] | None = None, device: torch.device | str = "cpu"
-) -> tuple[VQTokenizer, str]:
-    """The tokenizer in the training checkpoint ``path`` (``<out_dir>/checkpoints/step_XXXXXXXX``),
-    in eval mode, and which weights it holds: ``"raw"`` (as trained) or ``"ema"``. ``weights``
-    defaults to what the run's export holds: the EMA weights when the run keeps them."""
-    path = Path(path)
-    if weights is None:
-        weights = "ema" if (path / EMA_FILE).is_file() else "raw"
-    cfg = load_config(path / "config.json")  # the run config, saved in every checkpoint
-    tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
-    load_state_into(tokenizer, substate(checkpoint_state(path, weights), "tokenizer"), path)
-    return tokenizer.to(device).eval(), weights
-

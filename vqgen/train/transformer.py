@@ -28,7 +28,8 @@ from vqgen.sampling import generate, sampling_options
 from vqgen.text import EmbeddingCache, TextEncoder
 from vqgen.tokenizer import VQTokenizer
 from vqgen.train.batches import IndexedBatches
-from vqgen.train.loop import OptimizerSpec, Task, fit, setup_accelerator
+from vqgen.train.loop import Task, fit, setup_accelerator
+from vqgen.train.optim import OptimizerSpec
 
 
 class NextCodeLoss(nn.Module):

@@ -1,0 +1,83 @@
+"""Previews of a run: sample or reconstruction grids from its (EMA) weights, saved under ``samples/``.
+
+The main process makes them from a full model without touching the training RNG. Under FSDP
+no process holds the full model after ``prepare()``: the main process keeps a full copy made
+before it (on the CPU in between), into which it loads the gathered weights for each preview.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from vqgen.train.backends import input_autocast, layout
+from vqgen.train.checkpointing import full_state
+from vqgen.train.ema import EMA
+
+
+class Previews:
+    """``previews(model, ema, step)`` runs ``task.preview`` on the (EMA) weights of the prepared
+    ``model`` (a no-op for a task without one). Build it before ``accelerator.prepare``."""
+
+    def __init__(self, accelerator, task, out_dir: Path):
+        self.accelerator, self.make, self.kind, self.out_dir = accelerator, task.preview, task.kind, Path(out_dir)
+        self.sharded = layout(accelerator) == "fsdp"
+        main = accelerator.is_main_process
+        self.replica = copy.deepcopy(task.model).cpu() if self.make and self.sharded and main else None
+
+    def __call__(self, model: nn.Module, ema: EMA | None, step: int) -> None:
+        """Called on every process (under FSDP they gather the weights together)."""
+        if self.make is None:
+            return
+        with self._full_model(model, ema) as target:
+            if target is None:
+                return
+            self._draw(target, step)
+
+    def _draw(self, target: nn.Module, step: int) -> None:
+        accelerator = self.accelerator
+        devices = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+        was_training = target.training
+        target.eval()
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), input_autocast(accelerator):
+                images: dict[str, Image.Image] = self.make(target, step)
+        finally:
+            target.train(was_training)
+        (self.out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        for name, image in images.items():
+            image.save(self.out_dir / "samples" / f"{name}_{step:08d}.png")
+        if images and any(t.name == "wandb" for t in accelerator.trackers):
+            accelerator.get_tracker("wandb").log_images({f"{self.kind}/{k}": [v] for k, v in images.items()}, step=step)
+
+    @contextlib.contextmanager
+    def _full_model(self, model: nn.Module, ema: EMA | None) -> Iterator[nn.Module | None]:
+        """The full model with the (EMA) weights on the main process, ``None`` on the others, for
+        the block. Every process must enter: under FSDP they gather the full weights, which the
+        main process loads into its replica (on the accelerator only for the block); otherwise
+        the main process swaps the EMA weights into its own model."""
+        accelerator, main = self.accelerator, self.accelerator.is_main_process
+        if self.sharded:
+            with full_state(accelerator, model, ema) as state:
+                if main:
+                    self.replica.load_state_dict(state)
+            if not main:
+                yield None
+                return
+            self.replica.to(accelerator.device)
+            try:
+                yield self.replica
+            finally:
+                self.replica.cpu()  # leave the accelerator's memory to training
+        elif not main:
+            yield None
+        else:
+            target = accelerator.unwrap_model(model)
+            with ema.applied(target) if ema is not None else contextlib.nullcontext():
+                yield target
