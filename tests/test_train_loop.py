@@ -260,6 +260,27 @@ def test_fsdp_config_on_cpu_is_refused_with_the_reason(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_failing_preview_costs_neither_the_final_checkpoint_nor_the_export(tmp_path, capsys):
+    """The last step writes its checkpoint and the export before its preview; a preview that
+    raises (as one with unusable sampling settings) is reported, and training goes on."""
+    run = tmp_path / "run"
+    written = {}  # step -> (the newest checkpoint, whether the export exists) when its preview ran
+
+    def preview(model: nn.Module, step: int) -> dict:
+        written[step] = (latest_checkpoint(run), (run / "model.safetensors").is_file())
+        raise ValueError("temperature must be > 0")
+
+    result = train_toy(run, {"steps": 4, "batch_size": 8, "checkpoint_every": 3, "sample_every": 2}, preview=preview)
+    assert result["step"] == 4
+    assert written == {2: (None, False), 4: (run / "checkpoints" / "step_00000004", True)}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
+    assert json.loads((run / "config.json").read_text())["training_state"] == {"step": 4, "steps": 4, "complete": True}
+    err = capsys.readouterr().err
+    assert "toy: the preview at step 2 failed; training goes on, its checkpoints and export are not affected" in err
+    assert "the preview at step 4 failed" in err
+    assert err.count("Traceback") == 1 and err.count("ValueError: temperature must be > 0") == 2  # then one line
+
+
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     train_toy(tmp_path / "run", {"steps": 8, "batch_size": 8, "checkpoint_every": 2})
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())

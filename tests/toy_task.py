@@ -63,7 +63,7 @@ def two_sets(model: Regression, cfg: TrainConfig) -> list[OptimizerSpec]:
     ]
 
 
-def train_toy(out_dir: Path, overrides: dict, optimizers=None, **model_kwargs) -> dict:
+def train_toy(out_dir: Path, overrides: dict, optimizers=None, preview=None, **model_kwargs) -> dict:
     cfg = from_dict(TrainConfig, {"warmup_steps": 2, "lr": 1e-2, "checkpoint_every": 1000, "log_every": 2,
                                   "mixed_precision": "no", **overrides})
     accelerator = setup_accelerator(cfg, out_dir)
@@ -73,6 +73,7 @@ def train_toy(out_dir: Path, overrides: dict, optimizers=None, **model_kwargs) -
         model=model,
         batches=IndexedBatches(toy_dataset(), cfg.batch_size, seed=cfg.seed),
         export=lambda state, d: save_pretrained(d, "toy", {}, state),
+        preview=preview,
         optimizers=optimizers,
     )
     return fit(accelerator, task, cfg, Config(name="toy"), out_dir)

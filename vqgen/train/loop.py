@@ -14,7 +14,8 @@ both, with Accelerate (DDP, FSDP, DeepSpeed ZeRO 1/2, mixed precision), from the
   steps, the end): the NaN policy, ``log.jsonl``, wandb;
 - ``checkpointing.Checkpointer``: atomic checkpoints every N steps and on SIGTERM/Ctrl-C, and
   exact resume; ``checkpointing.export`` at the end;
-- ``preview.Previews``: sample grids every N steps and at the end.
+- ``preview.Previews``: sample grids every N steps, and at the end after the checkpoint and
+  the export; a preview that fails is reported, and training goes on.
 
 A step with a non-finite loss or gradient is skipped on the device; ``on_nan=stop`` stops at
 the next sync point, naming the first bad step, before anything after it is saved;
@@ -119,7 +120,7 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
     specs = (task.optimizers or default_optimizers)(task.model, cfg)
     train_step = TrainStep(accelerator, task.model, specs, task.batches, cfg, task.kind)
     model, ema = train_step.model, train_step.ema
-    step = checkpoints.resume(ema)
+    step = first = checkpoints.resume(ema)
     start_trackers(accelerator, cfg, run_cfg, task.kind, out_dir)
     log = TrainingLog(accelerator, task.kind, task.batches, cfg, out_dir, deepspeed=layout(accelerator) == "deepspeed")
 
@@ -142,16 +143,19 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
             finishing = step >= cfg.steps or now.stop
             if log_due or finishing:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in log.write(step, now).items() if k != "lr"})
-            if preview_due or finishing:
-                previews(model, ema, step)
             if save_due or finishing:
                 checkpoints.save(step, ema)
-            if now.stop:
-                why = f"time limit of {cfg.max_minutes} min reached" if over_time else "stop requested"
-                accelerator.print(f"{why}: checkpoint saved at step {step}")
+            if finishing:
+                if now.stop:
+                    why = f"time limit of {cfg.max_minutes} min reached" if over_time else "stop requested"
+                    accelerator.print(f"{why}: checkpoint saved at step {step}")
                 break
+            if preview_due:
+                previews(model, ema, step)
 
     export(accelerator, model, ema, task.export, out_dir, step, cfg.steps)
+    if step > first:  # after the checkpoint and the export: a preview cannot cost the final step
+        previews(model, ema, step)
     accelerator.end_training()
     if stop.requested:
         raise KeyboardInterrupt(f"training stopped at step {step}; run the same command again to resume")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,7 @@ class Previews:
         self.sharded = layout(accelerator) == "fsdp"
         main = accelerator.is_main_process
         self.replica = copy.deepcopy(task.model).cpu() if self.make and self.sharded and main else None
+        self.failed = 0
 
     def __call__(self, model: nn.Module, ema: EMA | None, step: int) -> None:
         """Called on every process (under FSDP they gather the weights together)."""
@@ -38,7 +41,17 @@ class Previews:
         with self._full_model(model, ema) as target:
             if target is None:
                 return
-            self._draw(target, step)
+            # A preview only reads a copy of the weights, and checkpoints hold nothing it makes.
+            # Raising would stop the main process alone, while the others wait in their next
+            # collective, and end a run whose checkpoints and export are sound: so a preview
+            # that fails is reported and training goes on.
+            try:
+                self._draw(target, step)
+            except Exception as e:
+                self.failed += 1
+                detail = traceback.format_exc() if self.failed == 1 else f"{type(e).__name__}: {e}\n"
+                print(f"{self.kind}: the preview at step {step} failed; training goes on, its checkpoints and export "
+                      f"are not affected:\n{detail}", file=sys.stderr, end="", flush=True)
 
     def _draw(self, target: nn.Module, step: int) -> None:
         accelerator = self.accelerator
