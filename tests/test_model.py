@@ -191,18 +191,6 @@ def test_bad_inputs_name_the_problem():
         model(torch.cat([codes, codes[:, :1]], 1), text, mask)
 
 
-def test_param_groups_exclude_norms_biases_and_embeddings():
-    model = small_model()
-    decay, no_decay = model.param_groups(0.1)
-    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
-    names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in decay["params"]}
-    kept = {names[id(p)] for p in no_decay["params"]}
-    assert decayed.isdisjoint(kept) and decayed | kept == set(names.values())
-    assert {"tok_emb.weight", "bos", "null", "text_proj.bias", "norm.weight", "blocks.0.norm1.weight"} <= kept
-    assert {"head.weight", "text_proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.down.weight"} <= decayed
-
-
 def test_save_load_round_trip(tmp_path):
     model = small_model(kv_heads=2)
     codes, text, mask = batch()

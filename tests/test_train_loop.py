@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import toy_task
+from test_model import small_model
 from toy_task import train_toy, two_sets
 from vqgen.checkpoint import latest_checkpoint, load_weights
 from vqgen.config import TrainConfig
@@ -19,7 +20,7 @@ from vqgen.train.batches import IndexedBatches
 from vqgen.train import TrainingError
 from vqgen.train.ema import EMA
 from vqgen.train.loop import setup_accelerator
-from vqgen.train.optim import OptimizerSpec, build_optimizer, lr_at
+from vqgen.train.optim import OptimizerSpec, build_optimizer, lr_at, param_groups
 
 HERE = Path(__file__).parent
 
@@ -295,6 +296,21 @@ def test_indexed_batches_split_ranks_without_overlap_and_cover_epochs():
     one_epoch = [j for i in range(5) for j in IndexedBatches(data, 2, seed=1).indices(i, 0, 1)]
     assert sorted(one_epoch) == data  # an epoch is a permutation
     assert batches.indices(3, 1, 2) == IndexedBatches(data, 2, seed=1).indices(3, 1, 2)  # pure
+
+
+def test_param_groups_exclude_norms_biases_and_embeddings():
+    model = small_model()
+    decay, no_decay = param_groups(model, 0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(kept) and decayed | kept == set(names.values())
+    assert {"tok_emb.weight", "bos", "null", "text_proj.bias", "norm.weight", "blocks.0.norm1.weight"} <= kept
+    assert {"head.weight", "text_proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.down.weight"} <= decayed
+    convs = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ConvTranspose2d(4, 3, 2))  # the tokenizer's layers
+    decay, no_decay = param_groups(convs, 0.1)
+    assert [p.shape for p in decay["params"]] == [(4, 3, 3, 3), (4, 3, 2, 2)] and len(no_decay["params"]) == 4
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():

@@ -305,7 +305,7 @@ def train_steps(config: Path, overrides: list[str], opts: Options, rec: Recorder
     from vqgen.config import load_config
     from vqgen.model import Transformer, TransformerConfig
     from vqgen.train.loop import Task, fit, setup_accelerator
-    from vqgen.train.optim import OptimizerSpec
+    from vqgen.train.optim import OptimizerSpec, param_groups
     from vqgen.train.transformer import NextCodeLoss
 
     steps = 4 if opts.quick else 50
@@ -331,7 +331,7 @@ def train_steps(config: Path, overrides: list[str], opts: Options, rec: Recorder
             batches=RandomBatches(train_cfg.batch_size, grid, vocab, 16, accelerator.device),
             export=lambda state, directory: transformer.save_pretrained(directory, state=substate(state, "transformer")),
             optimizers=lambda model, c: [
-                OptimizerSpec("transformer", model.transformer.param_groups(c.weight_decay), c.lr, tuple(c.betas), c.grad_clip)
+                OptimizerSpec("transformer", param_groups(model.transformer, c.weight_decay), c.lr, tuple(c.betas), c.grad_clip)
             ],
         )
         if accelerator.device.type == "cuda":

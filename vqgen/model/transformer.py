@@ -371,15 +371,6 @@ class Transformer(nn.Module):
 
     # -- training and checkpoints ------------------------------------------------------
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups: decay on matmul weights only; none on norms, biases, embeddings."""
-        matmuls = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if id(p) in matmuls], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) not in matmuls], "weight_decay": 0.0},
-        ]
-
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

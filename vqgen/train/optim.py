@@ -33,17 +33,32 @@ class OptimizerSpec:
         return [p for g in self.param_groups for p in g["params"]]
 
 
-def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (>= 2-D weights) only; norms, biases and gains are left alone."""
+# the layers whose weights are decayed
+DECAYED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW param groups of ``model``'s trainable parameters: ``weight_decay`` on the weights of
+    linear and convolution layers, none on embeddings (code tables, learned positions and
+    tokens), norms, biases and gains.
+
+    Embeddings are left alone (as in minGPT) because decoupled decay shrinks every row at every
+    step while a row of a code table gets a gradient only in the steps that use its code: rare
+    codes would be pulled towards zero between uses. nanoGPT decays every 2-D tensor instead,
+    simpler with its embedding tied to the output head; here learned positions and tokens are
+    2-D too, so the rule goes by layer type, not by shape.
+    """
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, DECAYED_LAYERS)}
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+    ]
 
 
 def default_optimizers(model: nn.Module, cfg: TrainConfig) -> list[OptimizerSpec]:
     """Every trainable parameter in one set with the run's lr, betas and clip."""
-    return [OptimizerSpec("model", default_param_groups(model, cfg.weight_decay), cfg.lr, tuple(cfg.betas), cfg.grad_clip)]
+    return [OptimizerSpec("model", param_groups(model, cfg.weight_decay), cfg.lr, tuple(cfg.betas), cfg.grad_clip)]
 
 
 def build_optimizer(model: nn.Module, specs: list[OptimizerSpec]) -> torch.optim.AdamW:

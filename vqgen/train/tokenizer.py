@@ -36,7 +36,7 @@ from vqgen.eval.tokenizer import evaluate_tokenizer
 from vqgen.tokenizer import TokenizerTrainer, VQTokenizer
 from vqgen.train.batches import FolderBatches, LoaderBatches, ShardBatches, collate
 from vqgen.train.loop import Task, fit, setup_accelerator
-from vqgen.train.optim import OptimizerSpec, default_param_groups
+from vqgen.train.optim import OptimizerSpec, param_groups
 
 # index space of the "endless" training stream of shapes scenes
 ENDLESS = 2**62
@@ -108,12 +108,12 @@ def tokenizer_optimizers(model: TokenizerTrainer, train: TokenizerTrainConfig) -
     """The tokenizer (encoder, quantizer, decoder) and the discriminator as two parameter sets:
     GAN training wants its own learning rate and betas for the discriminator, and a clip by its
     own gradient norm, which a joint norm would let the other network's gradients dominate."""
-    sets = [OptimizerSpec("tokenizer", default_param_groups(model.tokenizer, train.weight_decay), train.lr,
+    sets = [OptimizerSpec("tokenizer", param_groups(model.tokenizer, train.weight_decay), train.lr,
                           tuple(train.betas), train.grad_clip)]
     if model.discriminator is not None:
         sets.append(OptimizerSpec(
             "discriminator",
-            default_param_groups(model.discriminator, train.weight_decay),
+            param_groups(model.discriminator, train.weight_decay),
             lr=train.lr if train.disc_lr is None else train.disc_lr,
             betas=tuple(train.betas if train.disc_betas is None else train.disc_betas),
             grad_clip=train.grad_clip if train.disc_grad_clip is None else train.disc_grad_clip,

@@ -29,7 +29,7 @@ from vqgen.text import EmbeddingCache, TextEncoder
 from vqgen.tokenizer import VQTokenizer
 from vqgen.train.batches import IndexedBatches
 from vqgen.train.loop import Task, fit, setup_accelerator
-from vqgen.train.optim import OptimizerSpec
+from vqgen.train.optim import OptimizerSpec, param_groups
 
 
 class NextCodeLoss(nn.Module):
@@ -159,7 +159,7 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
         ),
         preview=make_preview(cfg, encoder, tokenizer),
         optimizers=lambda model, c: [
-            OptimizerSpec("transformer", model.transformer.param_groups(c.weight_decay), c.lr, tuple(c.betas), c.grad_clip)
+            OptimizerSpec("transformer", param_groups(model.transformer, c.weight_decay), c.lr, tuple(c.betas), c.grad_clip)
         ],
     )
     metrics = fit(accelerator, task, train_cfg, cfg, out_dir)
