@@ -20,11 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from tqdm import tqdm
 
 from vqgen.checkpoint import atomic_write_text
 from vqgen.data import codes, photos
 from vqgen.data.shapes import ShapesDataset, render_scene
+from vqgen.progress import progress_bar
 
 
 class Command(NamedTuple):
@@ -59,7 +59,7 @@ def run_shapes(args: argparse.Namespace) -> None:
     dataset = ShapesDataset(args.num, args.seed, args.resolution, lo, hi, args.holdout, args.split)
     args.out.mkdir(parents=True, exist_ok=True)
     captions = []
-    for i in tqdm(range(len(dataset)), desc=f"shapes -> {args.out}", unit="img"):
+    for i in progress_bar(range(len(dataset)), desc=f"shapes -> {args.out}", unit="img"):
         scene, caption = dataset.scene_and_caption(i)
         render_scene(scene, args.resolution).save(args.out / f"{i:06d}.png")
         captions.append(caption)

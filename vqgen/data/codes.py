@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from vqgen.checkpoint import atomic_write, atomic_write_text, file_digest
 from vqgen.config import ConfigError, DataConfig, load_config
@@ -48,6 +47,7 @@ from vqgen.data.loaders import (
     build_dataset,
     collate_usable,
 )
+from vqgen.progress import progress_bar
 
 FORMAT = "vqgen-codes/1"
 META = "meta.json"
@@ -184,7 +184,7 @@ def encode_dataset(
     mine = range(rank, num_shards, world)
     todo = [k for k in mine if not codes_path(out_dir, k).is_file()]
     total = None if streamed else sum(min(shard_size, sources - k * shard_size) for k in todo)
-    bar = tqdm(total=total, unit="img", desc=f"encode -> {out_dir}", disable=not accelerator.is_main_process)
+    bar = progress_bar(total=total, unit="img", desc=f"encode -> {out_dir}", disable=not accelerator.is_main_process)
     empty = np.zeros((0, *tokenizer.grid), dtype)
     for shard in todo:
         codes, captions, skipped = [empty], [], SkipCounter()  # meta.json sums every shard's counts

@@ -34,12 +34,12 @@ import torch
 from einops import rearrange
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from vqgen.checkpoint import file_digest
 from vqgen.data.shapes import Scene, render_scene
 from vqgen.eval.grid import to_pil
 from vqgen.eval.scene import parse_caption
+from vqgen.progress import progress_bar
 
 INCEPTION_ENV = "VQGEN_INCEPTION"
 INCEPTION_SIZE = 299
@@ -153,7 +153,8 @@ def inception_features(
     device = next(inception.parameters()).device
     images = list(images)
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc=progress, unit="batch", disable=progress is None):
+    for start in progress_bar(range(0, len(images), batch_size), desc=progress or "", unit="batch",
+                              disable=progress is None):
         batch = torch.stack([resize_for_inception(_open(im)) for im in images[start : start + batch_size]])
         chunks.append(inception(batch.to(device)).double().cpu())  # [b, 2048]
     return torch.cat(chunks) if chunks else torch.zeros(0, FEATURE_DIM, dtype=torch.float64)

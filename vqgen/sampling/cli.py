@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
     from vqgen.sampling.jobs import Prompt, blocks, plan, read_prompt_file, run_job, sample_block
     from vqgen.sampling.pipeline import Pipeline
+    from vqgen.progress import progress_bar
     from vqgen.text import PromptError
 
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{len(entries)} images for {len(prompts)} prompts", flush=True)
         if args.out_dir:
             def progress(total: int):
-                return tqdm(total=total, unit="img", desc=f"sampling (process {state.process_index})",
-                            disable=not state.is_main_process, dynamic_ncols=True)
+                return progress_bar(total=total, unit="img", desc=f"sampling (process {state.process_index})",
+                                    disable=not state.is_main_process)
 
             run_job(pipeline, entries, args.out_dir, args.batch_size, state, progress=progress, **runtime)
             if state.is_main_process and args.out:
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with state.split_between_processes(blocks(entries, args.batch_size)) as mine:
                 images = []
-                for block in tqdm(mine, unit="block", desc="sampling", disable=not state.is_main_process):
+                for block in progress_bar(mine, unit="block", desc="sampling", disable=not state.is_main_process):
                     images += sample_block(pipeline, block, **runtime)
             images = gather_object(images) if state.num_processes > 1 else images  # rank order = prompt-major
     except (CheckpointError, PromptError, ValueError) as e:

@@ -36,6 +36,7 @@ from torch import Tensor
 from vqgen.checkpoint import CheckpointError, load_config_json
 from vqgen.config import SamplingConfig
 from vqgen.model import Transformer
+from vqgen.progress import progress_bar
 from vqgen.sampling.generate import SCHEDULES, generate
 from vqgen.sampling.quantize import quantize as quantize_model, resolve_mode
 
@@ -200,15 +201,13 @@ class Pipeline:
         sampled and decoded at a time. "" is the null caption. A prompt too long for the text encoder raises
         ``PromptError`` before any work.
         """
-        from tqdm.auto import tqdm
-
         settings = self.settings(num_images=num_images, seed=seed, **options)
         n, seed = settings.pop("num_images"), settings.pop("seed")
         prompts = list(prompts)
         self.encode(prompts)  # every prompt checked before any sampling
         jobs = [(p, i) for p in range(len(prompts)) for i in range(n)]
         codes, images = [], []
-        for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", disable=not progress):
+        for start in progress_bar(range(0, len(jobs), batch_size), desc="sampling", disable=not progress):
             chunk = jobs[start : start + batch_size]
             c, x = self.sample([prompts[p] for p, _ in chunk], [image_seed(seed, p, i) for p, i in chunk], **settings)
             codes.append(c)

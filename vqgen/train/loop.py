@@ -38,9 +38,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 from torch import nn
-from tqdm.auto import tqdm
 
 from vqgen.config import Config, TrainConfig
+from vqgen.progress import progress_bar
 from vqgen.train.backends import check_backend, layout
 from vqgen.train.checkpointing import Checkpointer, export
 from vqgen.train.metrics import TrainingLog, start_trackers
@@ -125,8 +125,8 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
     log = TrainingLog(accelerator, task.kind, task.batches, cfg, out_dir, deepspeed=layout(accelerator) == "deepspeed")
 
     t_start, alone = time.perf_counter(), accelerator.num_processes == 1
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {task.kind}", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
+    bar = progress_bar(total=cfg.steps, initial=step, unit="step", desc=f"train {task.kind}",
+                       disable=not accelerator.is_main_process)
     with StopSignal() as stop, bar:
         while step < cfg.steps:
             log.record.add(step, train_step(step))
