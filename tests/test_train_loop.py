@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from torch import nn
 
 import toy_task
@@ -227,8 +228,6 @@ def test_resume_refuses_a_checkpoint_of_a_sharded_run(tmp_path, layout, writer):
 def test_export_writes_the_state_gathered_by_the_accelerator(tmp_path, monkeypatch):
     """The export goes through ``accelerator.get_state_dict`` (the collective that gathers FSDP
     shards), taken while the EMA weights are swapped in."""
-    from accelerate import Accelerator
-
     gathered, exported = [], []
     real_get, real_save = Accelerator.get_state_dict, toy_task.save_pretrained
 

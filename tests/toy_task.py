@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from torch import nn
 
 from vqgen.checkpoint import save_pretrained
@@ -84,7 +85,5 @@ if __name__ == "__main__":
     extra = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in rest)}
     kill_step = extra.pop("kill_step", -1)
     result = train_toy(Path(out), {"steps": int(steps), "batch_size": int(batch), **extra}, dropout=0.0, kill_step=kill_step)
-    from accelerate import PartialState
-
     if PartialState().is_main_process:
         (Path(out) / "result.json").write_text(json.dumps(result))
