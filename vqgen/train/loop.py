@@ -41,7 +41,7 @@ from torch import nn
 
 from vqgen.config import Config, TrainConfig
 from vqgen.progress import progress_bar
-from vqgen.train.backends import check_backend, layout
+from vqgen.train.backends import check_backend
 from vqgen.train.checkpointing import Checkpointer, export
 from vqgen.train.metrics import TrainingLog, start_trackers
 from vqgen.train.optim import OptimizerSpec, default_optimizers
@@ -122,14 +122,14 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
     model, ema = train_step.model, train_step.ema
     step = first = checkpoints.resume(ema)
     start_trackers(accelerator, cfg, run_cfg, task.kind, out_dir)
-    log = TrainingLog(accelerator, task.kind, task.batches, cfg, out_dir, deepspeed=layout(accelerator) == "deepspeed")
+    log = TrainingLog(accelerator, task.kind, task.batches, cfg, out_dir)
 
     t_start, alone = time.perf_counter(), accelerator.num_processes == 1
     bar = progress_bar(total=cfg.steps, initial=step, unit="step", desc=f"train {task.kind}",
                        disable=not accelerator.is_main_process)
     with StopSignal() as stop, bar:
         while step < cfg.steps:
-            log.record.add(step, train_step(step))
+            log.add(step, train_step(step))
             step += 1
             bar.update(1)
             over_time = cfg.max_minutes > 0 and time.perf_counter() - t_start > cfg.max_minutes * 60

@@ -19,6 +19,7 @@ import torch
 from vqgen.checkpoint import latest_checkpoint
 from vqgen.config import Config, TrainConfig
 from vqgen.train import TrainingError
+from vqgen.train.backends import layout
 from vqgen.train.optim import lr_at
 from vqgen.train.step import StepResult
 
@@ -93,13 +94,17 @@ class TrainingLog:
     samples the data dropped (reason -> count over every process).
     """
 
-    def __init__(self, accelerator, kind: str, batches: Any, cfg: TrainConfig, out_dir: Path, deepspeed: bool):
+    def __init__(self, accelerator, kind: str, batches: Any, cfg: TrainConfig, out_dir: Path):
         self.accelerator, self.kind, self.batches, self.cfg, self.out_dir = accelerator, kind, batches, cfg, out_dir
-        self.deepspeed = deepspeed
+        self.deepspeed = layout(accelerator) == "deepspeed"  # whose NaN policy is "stop" only
         self.record = StepRecord(accelerator.device)
         self.seen = Reading(0, 0, NEVER, False, 0, {})
         self.last: dict[str, float] = {}
         self.data_skipped: dict[str, int] = {}
+
+    def add(self, step: int, result: StepResult) -> None:
+        """Record step ``step`` on the device (no host sync)."""
+        self.record.add(step, result)
 
     def sync(self, step: int, wants_stop: bool) -> Reading:
         """Read the record (one host sync; a collective) after ``step`` steps, stop under
