@@ -54,4 +54,5 @@ def test_training_into_a_log_prints_plain_lines(tmp_path, capsys):
     train_toy(tmp_path / "run", {"steps": 4, "batch_size": 8})
     err = capsys.readouterr().err
     assert "\r" not in err
-    assert [line for line in err.splitlines() if line.startswith("train toy: ")][-1].startswith("train toy: 4/4 step (100%)")
+    lines = [line for line in err.splitlines() if line.startswith("train toy: ")]
+    assert lines and lines[-1].startswith("train toy: 4/4 step (100%)")

@@ -16,9 +16,9 @@ from test_model import small_model
 from toy_task import train_toy, two_sets
 from vqgen.checkpoint import latest_checkpoint, load_weights
 from vqgen.config import TrainConfig
+from vqgen.train import TrainingError
 from vqgen.train.backends import clip_gradients
 from vqgen.train.batches import IndexedBatches
-from vqgen.train import TrainingError
 from vqgen.train.ema import EMA
 from vqgen.train.loop import setup_accelerator
 from vqgen.train.optim import OptimizerSpec, build_optimizer, lr_at, param_groups

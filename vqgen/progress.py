@@ -55,7 +55,8 @@ class PlainProgress:
                  disable: bool, file: IO[str], interval: float):
         if total is None and hasattr(iterable, "__len__"):
             total = len(iterable)
-        self.iterable, self.total, self.desc, self.unit, self.file, self.interval = iterable, total, desc, unit, file, interval
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+        self.file, self.interval = file, interval
         self.disable, self.n, self.start_n, self.printed_n = disable, initial, initial, initial
         self.postfix = ""
         self.started = self.printed_at = time.monotonic()

@@ -116,7 +116,7 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         run_cfg.save(out_dir / "run_config.json")
-    previews = Previews(accelerator, task, out_dir)  # before prepare(), which shards the model under FSDP
+    previews = Previews(accelerator, task.preview, task.kind, task.model, out_dir)  # before prepare() shards it
     specs = (task.optimizers or default_optimizers)(task.model, cfg)
     train_step = TrainStep(accelerator, task.model, specs, task.batches, cfg, task.kind)
     model, ema = train_step.model, train_step.ema

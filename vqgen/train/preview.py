@@ -11,7 +11,7 @@ import contextlib
 import copy
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -24,14 +24,16 @@ from vqgen.train.ema import EMA
 
 
 class Previews:
-    """``previews(model, ema, step)`` runs ``task.preview`` on the (EMA) weights of the prepared
-    ``model`` (a no-op for a task without one). Build it before ``accelerator.prepare``."""
+    """``previews(model, ema, step)`` saves what ``make(full_model, step)`` draws (named PIL
+    images) from the (EMA) weights of the prepared ``model``; a no-op when ``make`` is ``None``.
+    Build it with the ``kind`` run's ``model`` before ``accelerator.prepare``."""
 
-    def __init__(self, accelerator, task, out_dir: Path):
-        self.accelerator, self.make, self.kind, self.out_dir = accelerator, task.preview, task.kind, Path(out_dir)
+    def __init__(self, accelerator, make: Callable[[nn.Module, int], dict[str, Image.Image]] | None, kind: str,
+                 model: nn.Module, out_dir: Path):
+        self.accelerator, self.make, self.kind, self.out_dir = accelerator, make, kind, Path(out_dir)
         self.sharded = layout(accelerator) == "fsdp"
         main = accelerator.is_main_process
-        self.replica = copy.deepcopy(task.model).cpu() if self.make and self.sharded and main else None
+        self.replica = copy.deepcopy(model).cpu() if make is not None and self.sharded and main else None
         self.failed = 0
 
     def __call__(self, model: nn.Module, ema: EMA | None, step: int) -> None:
@@ -41,10 +43,11 @@ class Previews:
         with self._full_model(model, ema) as target:
             if target is None:
                 return
-            # A preview only reads a copy of the weights, and checkpoints hold nothing it makes.
-            # Raising would stop the main process alone, while the others wait in their next
-            # collective, and end a run whose checkpoints and export are sound: so a preview
-            # that fails is reported and training goes on.
+            # A preview changes nothing that training or a checkpoint holds (the EMA weights it
+            # swaps in are swapped back, the RNG is forked). Raising would stop the main process
+            # alone, while the others wait in their next collective, and end a run whose
+            # checkpoints and export are sound: so a preview that fails is reported and training
+            # goes on.
             try:
                 self._draw(target, step)
             except Exception as e:

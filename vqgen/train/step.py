@@ -36,7 +36,7 @@ class StepResult:
 
     metrics: dict[str, torch.Tensor]  # the loss, the model's metrics (means over micro-batches) and grad norms
     skip: torch.Tensor  # bool: its update was not applied
-    bad: torch.Tensor  # bool: it had a non-finite loss or gradient (the NaN policy's; the rest of ``skip``: fp16 overflow)
+    bad: torch.Tensor  # bool: a non-finite loss or gradient (the NaN policy's; other skips are fp16 overflows)
 
 
 class TrainStep:
