@@ -270,7 +270,7 @@ def test_jsonl_prompts_carry_their_own_seeds_and_settings(run, pipe, tmp_path):
     # image 1 of the first line is reproduced from its recorded seed alone
     settings = {k: v for k, v in SAMPLING.items() if k not in ("num_images", "seed")}
     _, again = pipe.sample([PROMPTS[0]], [43], **settings)
-    from vqgen.eval.grid import to_pil
+    from vqgen.images import to_pil
 
     with Image.open(out / "000000_001.png") as saved:
         assert list(saved.convert("RGB").getdata()) == list(to_pil(again)[0].getdata())
@@ -379,7 +379,7 @@ def test_pipeline_rejects_too_long_prompts(pipe):
 
 def test_adherence_cli_generates_with_the_checkpoint_settings_then_scores(run, pipe, tmp_path):
     from vqgen.eval.__main__ import main as eval_main
-    from vqgen.eval.grid import to_pil
+    from vqgen.images import to_pil
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:3]) + "\n")

@@ -21,7 +21,7 @@ from vqgen.data.shapes import (
     sample_scene,
     to_tensor,
 )
-from vqgen.eval.grid import grid_image, save_grid
+from vqgen.images import grid_image, save_grid
 from vqgen.eval.scene import CaptionError, adherence, detect, detect_batch, parse_caption, score
 
 

@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from vqgen.checkpoint import file_digest
 from vqgen.data.shapes import Scene, render_scene
-from vqgen.eval.grid import to_pil
 from vqgen.eval.scene import parse_caption
+from vqgen.images import to_pil
 
 INCEPTION_ENV = "VQGEN_INCEPTION"
 INCEPTION_SIZE = 299

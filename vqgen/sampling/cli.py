@@ -110,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _grid(images: list, entries: list, out: Path, ncol: int, pipeline) -> None:
     """The captioned grid, with its tiles' prompts, seeds and settings beside it (``out.jsonl``)."""
-    from vqgen.eval.grid import save_grid
+    from vqgen.images import save_grid
 
     save_grid(images, [e.prompt or "(unconditional)" for e in entries], out, ncol=ncol)
     lines = [json.dumps({**e.record(pipeline.checkpoint, pipeline.weights), "file": out.name, "tile": k})

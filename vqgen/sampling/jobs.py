@@ -121,7 +121,7 @@ def blocks(images: list[ImageEntry], batch_size: int) -> list[list[ImageEntry]]:
 def sample_block(pipeline: Pipeline, block: list[ImageEntry], **runtime: Any) -> list:
     """A block's images as PIL, in order; one ``generate`` call per distinct settings.
     ``runtime`` options (e.g. ``compile``) go to ``generate`` beside each image's settings."""
-    from vqgen.eval.grid import to_pil
+    from vqgen.images import to_pil
 
     out: list = [None] * len(block)
     for settings in dict.fromkeys(image.settings for image in block):

@@ -136,7 +136,7 @@ def stage(name: str, seconds: dict[str, float]):
 
 def run_demo(cfg: Config, out: Path) -> dict:
     """Run every stage into ``out``; returns (and writes) ``out/report.json``."""
-    from vqgen.eval.grid import save_grid
+    from vqgen.images import save_grid
     from vqgen.eval.scene import adherence
     from vqgen.sampling.pipeline import Pipeline
     from vqgen.train.tokenizer import train_tokenizer
