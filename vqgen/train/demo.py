@@ -137,8 +137,8 @@ def stage(name: str, seconds: dict[str, float]):
 
 def run_demo(cfg: Config, out: Path) -> dict:
     """Run every stage into ``out``; returns (and writes) ``out/report.json``."""
-    from vqgen.images import save_grid
     from vqgen.eval.scene import adherence
+    from vqgen.images import save_grid
     from vqgen.sampling.pipeline import Pipeline
     from vqgen.train.tokenizer import train_tokenizer
     from vqgen.train.transformer import train_transformer
