@@ -297,7 +297,7 @@ def test_jsonl_prompts_carry_their_own_seeds_and_settings(run, pipe, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(x) for x in [
         {"prompt": PROMPTS[0], "seed": 42, "num_images": 3},
-        {"prompt": "", "cfg_scale": 1.0, "temperature": 1.0},
+        {"prompt": "", "cfg_scale": 1.0, "temperature": 1.0, "speculative_prior": "uniform"},
         {"prompt": PROMPTS[2]},
     ]) + "\n")
     out = tmp_path / "images"
@@ -306,6 +306,7 @@ def test_jsonl_prompts_carry_their_own_seeds_and_settings(run, pipe, tmp_path):
     assert [(x["prompt_index"], x["image"], x["seed"]) for x in index] == [
         (0, 0, 42), (0, 1, 43), (0, 2, 44), (1, 0, image_seed(5, 1, 0)), (2, 0, image_seed(5, 2, 0))]
     assert index[3]["settings"]["cfg_scale"] == 1.0 and index[4]["settings"]["cfg_scale"] == 2.0
+    assert index[3]["settings"]["speculative_prior"] == "uniform" and index[4]["settings"]["speculative_prior"] == "above"
     # image 1 of the first line is reproduced from its recorded seed alone
     settings = {k: v for k, v in SAMPLING.items() if k not in ("num_images", "seed")}
     _, again = pipe.sample([PROMPTS[0]], [43], **settings)

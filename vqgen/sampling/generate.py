@@ -79,9 +79,11 @@ def generate(
 
     text [P, L, d_text] and text_mask [P, L] come from ``vqgen.text``. The sampling settings
     mean what the fields of ``vqgen.config.SamplingSettings`` say, and are checked by building
-    one (a bad value raises the ``ConfigError`` config loading raises). ``seeds``: an int gives
-    image i of every prompt the seed ``seeds + i`` (so a prompt gives the same images alone or
-    in a batch); a LongTensor [P * num_images] sets each image's seed.
+    one (a bad value raises the ``ConfigError`` config loading raises). The defaults here are
+    generate's own (temperature 1, no top-k/top-p cut); a run's settings come in through
+    ``sampling_options``. ``seeds``: an int gives image i of every prompt the seed ``seeds + i``
+    (so a prompt gives the same images alone or in a batch); a LongTensor [P * num_images] sets
+    each image's seed.
 
     ``speculative=W`` (W >= 1; 0 = off) decodes by speculative Jacobi windows of W codes: the
     images follow exactly the plain sampler's distribution, in fewer forwards, but are other
