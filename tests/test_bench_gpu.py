@@ -13,6 +13,7 @@ import torch
 from vqgen.bench.__main__ import COMMANDS, main
 from vqgen.bench.gpu import SECTIONS
 from vqgen.config import load_config
+from vqgen.train.demo import evaluation_prompts
 
 SHAPES = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"
 
@@ -30,6 +31,9 @@ def checkpoint(tmp_path_factory) -> Path:
     tokenizer.save_pretrained(run / "tokenizer")
     model = Transformer(TransformerConfig.from_model_config(cfg.model, tokenizer.codebook_size, tokenizer.grid, 384))
     model.save_pretrained(run / "transformer", extra_config={"tokenizer": str(run / "tokenizer"), "run": cfg.to_dict()})
+    (run / "prompts").mkdir()
+    for name, prompts in evaluation_prompts(cfg, set(), num=3).items():  # as the demo writes its evaluation sets
+        (run / "prompts" / f"{name}.txt").write_text("\n".join(prompts) + "\n")
     return run / "transformer"
 
 

@@ -11,6 +11,7 @@ import torch
 import vqgen.bench.speculative as bench
 from vqgen.bench.__main__ import main
 from vqgen.config import load_config
+from vqgen.train.demo import evaluation_prompts
 
 SHAPES = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # the CPU demo
 
@@ -34,11 +35,21 @@ def checkpoint(tmp_path_factory) -> Path:
     return run / "transformer"
 
 
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory) -> list[str]:
+    """The demo's evaluation sets, as it writes them to <run>/prompts/{single,two}.txt."""
+    folder = tmp_path_factory.mktemp("prompts")
+    sets = evaluation_prompts(load_config(SHAPES), set(), num=4)
+    for name in ("single", "two"):
+        (folder / f"{name}.txt").write_text("\n".join(sets[name]) + "\n")
+    return [str(folder / "single.txt"), str(folder / "two.txt")]
+
+
 # what one generation (of one chunk of prompts) takes on the bench's clock in this test
 SECONDS = {"plain": 2.0, "spec": 0.5}
 
 
-def test_report_compares_forwards_time_and_adherence(checkpoint, tmp_path, capsys, monkeypatch):
+def test_report_compares_forwards_time_and_adherence(checkpoint, prompt_files, tmp_path, capsys, monkeypatch):
     """The bench's clock advances by SECONDS per generation, and a hook on the model's head counts
     the forwards of every single-image generation, so the report's times and ratios are known."""
     now, forwards = [0.0], {"plain": [], "spec": []}
@@ -60,9 +71,11 @@ def test_report_compares_forwards_time_and_adherence(checkpoint, tmp_path, capsy
     monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     monkeypatch.setattr(bench, "generate", generate)
     out = tmp_path / "spec.json"
-    assert main(["speculative", "--checkpoint", str(checkpoint), "--num-prompts", "3", "--window", "4",
-                 "--json", str(out)]) == 0
+    assert main(["speculative", "--checkpoint", str(checkpoint), "--prompts", *prompt_files, "--num-prompts", "3",
+                 "--speculative", "4", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
+    assert r["window"] == 4 and r["num_prompts"] == {"single": 3, "two": 3}
+    assert r["settings"]["speculative"] == 4 and r["settings"]["temperature"] == 0.5  # the run's, but W
     n = r["grid"][0] * r["grid"][1]
     # batch 1: 3 chunks per set, 2 sets; batch 8: 1 chunk per set
     assert r["seconds_b1"] == {"plain": 12.0, "spec": 3.0} and r["seconds_b8"] == {"plain": 4.0, "spec": 1.0}
@@ -82,17 +95,26 @@ def test_report_compares_forwards_time_and_adherence(checkpoint, tmp_path, capsy
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--window", "0"], "--window must be >= 1, got 0"),
-    (["--prior", "left"], "--prior 'left': choose one of ['above', 'uniform']"),
+    (["--speculative", "0"], "--speculative must be >= 1 (the window compared with plain decoding), got 0"),
+    (["--speculative-prior", "left"],
+     "argument --speculative-prior: config key 'sampling.speculative_prior' is 'left'; choose one of ['above', 'uniform']"),
+    (["--temperature", "0"], "argument --temperature: config key 'sampling.temperature' must be a finite number > 0"),
+    (["--num-prompts", "0"], "argument --num-prompts: must be >= 1, got 0"),
 ])
-def test_bad_settings_name_the_option(checkpoint, capsys, args, message):
+def test_bad_settings_name_the_option(checkpoint, prompt_files, capsys, args, message):
     with pytest.raises(SystemExit) as e:
-        main(["speculative", "--checkpoint", str(checkpoint), *args])
+        main(["speculative", "--checkpoint", str(checkpoint), "--prompts", *prompt_files, *args])
     assert e.value.code == 2
     assert f"python -m vqgen.bench speculative: error: {message}" in capsys.readouterr().err
 
 
-def test_missing_checkpoint_is_named(tmp_path, capsys):
+def test_missing_inputs_are_named(checkpoint, prompt_files, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["speculative", "--checkpoint", str(tmp_path / "nowhere")])
+        main(["speculative", "--checkpoint", str(tmp_path / "nowhere"), "--prompts", *prompt_files])
     assert f"--checkpoint {tmp_path / 'nowhere'} holds no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["speculative", "--checkpoint", str(checkpoint), "--prompts", str(tmp_path / "none.txt")])
+    assert f"prompts file not found: {tmp_path / 'none.txt'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["speculative", "--checkpoint", str(checkpoint), "--prompts", prompt_files[0], prompt_files[0]])
+    assert "two prompt files are named 'single'" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Typed config: YAML + overrides, unknown keys named with a suggestion, values checked against
 the choices declared on the fields, neutral defaults, the resolved-config CLI, the resume check."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -11,9 +12,12 @@ import pytest
 import yaml
 
 from vqgen.config import (
+    SETTINGS,
     SIZES,
     Config,
     ConfigError,
+    SamplingConfig,
+    SamplingSettings,
     TokenizerConfig,
     TransformerConfig,
     check_resume,
@@ -61,7 +65,10 @@ def test_unknown_key_is_named_with_the_closest_valid_key(tmp_path):
         ("model.size=huge", "config key 'model.size' is 'huge'; choose one of ['mini', 'tiny', 'B', 'L', 'XL']"),
         ("training.transformer.on_nan=ignore", "config key 'training.transformer.on_nan' is 'ignore'"),
         ("data.kind=lmdb", "config key 'data.kind' is 'lmdb'; choose one of ['shapes', 'folder', 'webdataset']"),
-        ("sampling.top_p=1.5", "'sampling.top_p' must lie in (0, 1]"),
+        ("sampling.top_p=1.5", "config key 'sampling.top_p' must be a finite number in (0, 1], got 1.5"),
+        ("sampling.speculative_prior=left", "config key 'sampling.speculative_prior' is 'left'; choose one of ['above', 'uniform']"),
+        ("sampling.top_k=2.5", "config key 'sampling.top_k' expects int, got 2.5"),
+        ("sampling.prompts=a fox", "config key 'sampling.prompts' expects a list, got 'a fox'"),
         ("data.resolution=30", "'data.resolution' (30) must be a multiple of 'tokenizer.downsample'"),
         ("training=3", "config section 'training' must be a mapping"),
         ("no_equals_sign", "must look like key=value"),
@@ -154,6 +161,35 @@ def test_config_cli_prints_what_train_py_runs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vqgen.config", "configs/shapes.yaml", "model.sise=B"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "did you mean 'model.size'?" in bad.stderr
+
+
+def test_a_bad_sampling_setting_fails_at_config_load_before_any_training():
+    proc = subprocess.run([sys.executable, "-m", "vqgen.config", "configs/photos.yaml", "sampling.temperature=0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr == ("error: config key 'sampling.temperature' must be a finite number > 0, got 0.0 (softmax "
+                           "temperature; for greedy decoding use top_k=1) (in configs/photos.yaml)\n")
+
+
+def test_sampling_settings_are_frozen_checked_when_built_and_round_trip():
+    settings = SamplingSettings(cfg_scale=2, seed=7)
+    assert settings.cfg_scale == 2.0 and isinstance(settings.cfg_scale, float)  # ints widen to floats
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.seed = 8
+    assert dataclasses.replace(settings, top_k=5) == SamplingSettings(cfg_scale=2.0, seed=7, top_k=5)
+    with pytest.raises(ConfigError, match=r"config key 'sampling.seed' must be an integer in \[0, 4611686018427387903\], got -1"):
+        dataclasses.replace(settings, seed=-1)
+    with pytest.raises(ConfigError, match=r"config key 'sampling.cfg_scale' must be a finite number >= 0, got inf"):
+        SamplingSettings(cfg_scale=float("inf"))
+    with pytest.raises(ConfigError, match=r"config key 'sampling.compile' expects true/false, got 1"):
+        SamplingConfig(compile=1)
+    # the run config's section is the settings plus the training-time grids' own keys
+    assert SETTINGS == ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "num_images", "seed",
+                        "speculative", "speculative_prior")
+    assert [f.name for f in dataclasses.fields(SamplingConfig)] == [*SETTINGS, "compile", "prompts"]
+    cfg = load_config(SHAPES, ["sampling.speculative=8", "sampling.speculative_prior=uniform", "sampling.prompts=[a, b]"])
+    assert cfg.sampling.prompts == ("a", "b") and cfg.to_dict()["sampling"]["prompts"] == ["a", "b"]
+    assert load_config(None, [f"sampling.{k}={v}" for k, v in cfg.to_dict()["sampling"].items()]).sampling == cfg.sampling
 
 
 def test_demo_reads_shapes_yaml_and_the_stages_need_a_config(monkeypatch, capsys):

@@ -210,7 +210,7 @@ def test_fid_cli_matches_the_library(tmp_path, capsys, features):
 
 def test_tokenizer_rfid_is_fid_of_reconstructions(inception):
     from vqgen.config import TokenizerConfig
-    from vqgen.eval.grid import to_pil
+    from vqgen.images import to_pil
     from vqgen.eval.tokenizer import evaluate_tokenizer
     from vqgen.tokenizer import VQTokenizer
 

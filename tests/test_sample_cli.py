@@ -22,7 +22,7 @@ ROOT = Path(__file__).parent.parent
 SHAPES = ROOT / "configs" / "shapes.yaml"
 # the run's own sampling section: what every command must follow unless told otherwise
 SAMPLING = {"cfg_scale": 2.0, "cfg_schedule": "constant", "temperature": 0.8, "top_k": 0, "top_p": 0.95,
-            "num_images": 2, "seed": 5, "speculative": 0}
+            "num_images": 2, "seed": 5, "speculative": 0, "speculative_prior": "above"}
 PROMPTS = ["a big red circle in the top left", "a small blue square at the center and a big green circle on the right",
            "a small yellow triangle in the bottom right", "a big red circle in the top left"]
 
@@ -70,8 +70,8 @@ def sample_in_process(*args: str) -> int:
 
 
 def test_settings_follow_the_checkpoint_and_flags_override_one_by_one(pipe):
-    assert pipe.defaults == SAMPLING and pipe.weights == "raw"
-    assert pipe.settings(temperature=1.0, top_k=None) == SAMPLING | {"temperature": 1.0}
+    assert dataclasses.asdict(pipe.defaults) == SAMPLING and pipe.weights == "raw"
+    assert dataclasses.asdict(pipe.settings(temperature=1.0, top_k=None)) == SAMPLING | {"temperature": 1.0}
     codes, images = pipe(PROMPTS[:2])
     assert codes.shape == (4, *pipe.tokenizer.grid) and images.shape[1:] == (3, 24, 24)  # num_images=2: the run's
     explicit, _ = pipe(PROMPTS[:2], **SAMPLING)
@@ -82,7 +82,7 @@ def test_settings_follow_the_checkpoint_and_flags_override_one_by_one(pipe):
 
 def test_a_checkpoint_that_samples_speculatively_does_so_by_default(pipe):
     """``sampling.speculative`` saved with a run is a default like any other setting."""
-    speculative = dataclasses.replace(pipe, defaults=pipe.defaults | {"speculative": 3})
+    speculative = dataclasses.replace(pipe, defaults=dataclasses.replace(pipe.defaults, speculative=3))
     codes, _ = speculative(PROMPTS[:2])
     assert torch.equal(codes, pipe(PROMPTS[:2], speculative=3)[0])
     assert not torch.equal(codes, pipe(PROMPTS[:2])[0])  # another W, other draws
@@ -92,27 +92,27 @@ def test_a_checkpoint_that_samples_speculatively_does_so_by_default(pipe):
 def test_a_checkpoint_without_a_run_config_samples_with_neutral_defaults(run, tmp_path):
     import shutil
 
-    from vqgen.config import SamplingConfig
+    from vqgen.config import SamplingSettings
     from vqgen.sampling.pipeline import Pipeline
 
     shutil.copytree(run / "transformer", tmp_path / "t", ignore=shutil.ignore_patterns("checkpoints", "text_cache", "codes"))
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     del config["run"]
     (tmp_path / "t" / "config.json").write_text(json.dumps(config))
-    neutral = SamplingConfig()
-    assert Pipeline.from_pretrained(tmp_path / "t").defaults["temperature"] == neutral.temperature
+    assert Pipeline.from_pretrained(tmp_path / "t").defaults == SamplingSettings()
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("cfg_scale", float("nan"), "cfg_scale must be a finite number >= 0"),
-    ("cfg_scale", -1.0, "cfg_scale must be a finite number >= 0"),
-    ("temperature", 0.0, "temperature must be a finite number > 0"),
-    ("temperature", float("inf"), "temperature must be a finite number > 0"),
-    ("top_p", 0.0, r"top_p must be a number in \(0, 1\]"),
-    ("top_k", -3, "top_k must be an integer >= 0"),
-    ("top_k", 2.5, "top_k must be an integer >= 0"),
-    ("cfg_schedule", "cosine", "cfg_schedule must be one of"),
-    ("num_images", 0, "num_images must be an integer >= 1"),
+    ("cfg_scale", float("nan"), "'sampling.cfg_scale' must be a finite number >= 0, got nan"),
+    ("cfg_scale", -1.0, "'sampling.cfg_scale' must be a finite number >= 0, got -1.0"),
+    ("temperature", 0.0, "'sampling.temperature' must be a finite number > 0, got 0.0"),
+    ("temperature", float("inf"), "'sampling.temperature' must be a finite number > 0, got inf"),
+    ("top_p", 0.0, r"'sampling.top_p' must be a finite number in \(0, 1\], got 0.0"),
+    ("top_k", -3, "'sampling.top_k' must be an integer >= 0, got -3"),
+    ("top_k", 2.5, "'sampling.top_k' expects int, got 2.5"),
+    ("cfg_schedule", "cosine", r"'sampling.cfg_schedule' is 'cosine'; choose one of \['constant', 'linear'\]"),
+    ("num_images", 0, "'sampling.num_images' must be an integer >= 1, got 0"),
+    ("speculative_prior", "left", r"'sampling.speculative_prior' is 'left'; choose one of \['above', 'uniform'\]"),
 ])
 def test_invalid_settings_are_refused_by_name(pipe, key, value, message):
     with pytest.raises(ValueError, match=message):
@@ -120,16 +120,55 @@ def test_invalid_settings_are_refused_by_name(pipe, key, value, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--cfg", "nan"], "argument --cfg: sampling setting cfg_scale must be a finite number >= 0"),
-    (["--cfg", "-0.5"], "argument --cfg: sampling setting cfg_scale must be a finite number >= 0"),
-    (["--temperature", "0"], "argument --temperature: sampling setting temperature must be a finite number > 0"),
-    (["--top-p", "1.5"], "argument --top-p: sampling setting top_p must be a number in (0, 1]"),
-    (["--top-k", "-1"], "argument --top-k: sampling setting top_k must be an integer >= 0"),
-    (["--speculative", "-1"], "argument --speculative: sampling setting speculative must be an integer >= 0"),
+    (["--cfg", "nan"], "argument --cfg: config key 'sampling.cfg_scale' must be a finite number >= 0, got nan"),
+    (["--cfg", "-0.5"], "argument --cfg: config key 'sampling.cfg_scale' must be a finite number >= 0, got -0.5"),
+    (["--temperature", "0"], "argument --temperature: config key 'sampling.temperature' must be a finite number > 0"),
+    (["--top-p", "1.5"], "argument --top-p: config key 'sampling.top_p' must be a finite number in (0, 1]"),
+    (["--top-k", "-1"], "argument --top-k: config key 'sampling.top_k' must be an integer >= 0"),
+    (["--speculative", "-1"], "argument --speculative: config key 'sampling.speculative' must be an integer >= 0"),
+    (["--speculative-prior", "left"],
+     "argument --speculative-prior: config key 'sampling.speculative_prior' is 'left'; choose one of ['above', 'uniform']"),
 ])
 def test_invalid_flags_are_refused_before_loading(args, message, tmp_path):
     proc = sample("--checkpoint", "nowhere", "--prompt", "a red circle", *args, "--out", str(tmp_path / "g.png"))
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+# a bad value, as the config file / override, the flag and the API take it, and the message all give
+BAD_SETTINGS = [
+    ("temperature", "--temperature", "0", 0, "config key 'sampling.temperature' must be a finite number > 0, got 0.0"),
+    ("top_p", "--top-p", "1.5", 1.5, "config key 'sampling.top_p' must be a finite number in (0, 1], got 1.5"),
+    ("speculative", "--speculative", "-1", -1, "config key 'sampling.speculative' must be an integer >= 0, got -1"),
+    ("speculative_prior", "--speculative-prior", "left", "left",
+     "config key 'sampling.speculative_prior' is 'left'; choose one of ['above', 'uniform']"),
+    ("cfg_scale", "--cfg", "nan", float("nan"), "config key 'sampling.cfg_scale' must be a finite number >= 0, got nan"),
+]
+
+
+@pytest.mark.parametrize("name, flag, text, value, message", BAD_SETTINGS, ids=[b[0] for b in BAD_SETTINGS])
+def test_a_bad_setting_fails_with_one_message_everywhere(pipe, tmp_path, capsys, name, flag, text, value, message):
+    """Config load, sample.py's flag, a JSONL prompt line, Pipeline and generate: one message."""
+    from vqgen.config import ConfigError
+    from vqgen.sampling import generate
+    from vqgen.sampling.jobs import read_prompt_file
+
+    def error(fn) -> str:
+        with pytest.raises(ConfigError) as e:
+            fn()
+        return str(e.value)
+
+    full = error(lambda: pipe.settings(**{name: value}))  # the message with the setting's meaning after it
+    assert full.startswith(message)
+    assert error(lambda: pipe(PROMPTS[:1], **{name: value})) == full
+    text_emb, mask = pipe.encode(PROMPTS[:1])
+    assert error(lambda: generate(pipe.transformer, text_emb, mask, **{name: value})) == full
+    assert error(lambda: load_config(SHAPES, [f"sampling.{name}={text}"])) == f"{full} (in {SHAPES})"
+    lines = tmp_path / "p.jsonl"
+    lines.write_text(json.dumps({"prompt": PROMPTS[0], name: value}) + "\n")
+    assert error(lambda: read_prompt_file(lines)) == f"{lines} line 1: {full}"
+    with pytest.raises(SystemExit):
+        sample_in_process("--checkpoint", "nowhere", "--prompt", PROMPTS[0], flag, text, "--out", tmp_path / "g.png")
+    assert capsys.readouterr().err.endswith(f"sample.py: error: argument {flag}: {full}\n")
 
 
 # --------------------------------------------------------------------------------------
@@ -203,7 +242,7 @@ def test_sample_cli_writes_a_grid_with_its_settings(run, tmp_path, capsys):
     lines = [json.loads(x) for x in (tmp_path / "grid.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and lines[4]["prompt"] == PROMPTS[2] and lines[4]["image"] == 1
     assert lines[0]["settings"] == {"cfg_scale": 2.0, "cfg_schedule": "constant", "temperature": 0.8, "top_k": 50, "top_p": 0.95,
-                                 "speculative": 0}
+                                 "speculative": 0, "speculative_prior": "above"}
 
 
 def test_out_dir_writes_one_png_and_one_index_line_per_image_and_resumes(run, tmp_path):
@@ -258,7 +297,7 @@ def test_jsonl_prompts_carry_their_own_seeds_and_settings(run, pipe, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(x) for x in [
         {"prompt": PROMPTS[0], "seed": 42, "num_images": 3},
-        {"prompt": "", "cfg_scale": 1.0, "temperature": 1.0},
+        {"prompt": "", "cfg_scale": 1.0, "temperature": 1.0, "speculative_prior": "uniform"},
         {"prompt": PROMPTS[2]},
     ]) + "\n")
     out = tmp_path / "images"
@@ -267,10 +306,11 @@ def test_jsonl_prompts_carry_their_own_seeds_and_settings(run, pipe, tmp_path):
     assert [(x["prompt_index"], x["image"], x["seed"]) for x in index] == [
         (0, 0, 42), (0, 1, 43), (0, 2, 44), (1, 0, image_seed(5, 1, 0)), (2, 0, image_seed(5, 2, 0))]
     assert index[3]["settings"]["cfg_scale"] == 1.0 and index[4]["settings"]["cfg_scale"] == 2.0
+    assert index[3]["settings"]["speculative_prior"] == "uniform" and index[4]["settings"]["speculative_prior"] == "above"
     # image 1 of the first line is reproduced from its recorded seed alone
     settings = {k: v for k, v in SAMPLING.items() if k not in ("num_images", "seed")}
     _, again = pipe.sample([PROMPTS[0]], [43], **settings)
-    from vqgen.eval.grid import to_pil
+    from vqgen.images import to_pil
 
     with Image.open(out / "000000_001.png") as saved:
         assert list(saved.convert("RGB").getdata()) == list(to_pil(again)[0].getdata())
@@ -279,7 +319,8 @@ def test_jsonl_prompts_carry_their_own_seeds_and_settings(run, pipe, tmp_path):
 @pytest.mark.parametrize("line, message", [
     ('{"text": "a red circle"}', 'line 1: give an object with a "prompt" string'),
     ('{"prompt": "a red circle", "cfg": 2}', "line 1: unknown key 'cfg'"),
-    ('{"prompt": "a red circle", "temperature": -1}', "line 1: sampling setting temperature must be"),
+    ('{"prompt": "a red circle", "temperature": -1}', "line 1: config key 'sampling.temperature' must be"),
+    ('{"prompt": "a red circle", "seed": -1}', "line 1: config key 'sampling.seed' must be an integer in"),
     ("not json", "line 1: not JSON"),
 ])
 def test_bad_jsonl_lines_are_named(line, message, tmp_path):
@@ -379,7 +420,7 @@ def test_pipeline_rejects_too_long_prompts(pipe):
 
 def test_adherence_cli_generates_with_the_checkpoint_settings_then_scores(run, pipe, tmp_path):
     from vqgen.eval.__main__ import main as eval_main
-    from vqgen.eval.grid import to_pil
+    from vqgen.images import to_pil
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:3]) + "\n")

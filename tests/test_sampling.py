@@ -214,9 +214,10 @@ def test_guidance_schedules_and_argument_errors():
     text, mask = prompts()
     with pytest.raises(ValueError, match=r"seeds must be an int or a tensor of shape \[6\] \(prompts x num_images\), got \(3,\)"):
         generate(model, text, mask, num_images=2, seeds=torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match=r"temperature must be > 0, got 0; for greedy decoding use top_k=1"):
+    with pytest.raises(ValueError, match=r"config key 'sampling.temperature' must be a finite number > 0, got 0.0 "
+                                         r"\(softmax temperature; for greedy decoding use top_k=1\)"):
         generate(model, text, mask, temperature=0)
-    with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"config key 'sampling.top_p' must be a finite number in \(0, 1\], got 1.5"):
         generate(model, text, mask, top_p=1.5)
 
 
@@ -224,6 +225,8 @@ def test_generate_leaves_training_mode_and_reads_the_config():
     model = small_model().train()
     text, mask = prompts()
     opts = sampling_options(SamplingConfig(cfg_scale=2.0, num_images=2, seed=3, top_k=5, temperature=0.7))
+    assert opts == dict(cfg_scale=2.0, cfg_schedule="constant", temperature=0.7, top_k=5, top_p=1.0, num_images=2,
+                        seeds=3, speculative=0, speculative_prior="above", compile=False)
     codes = generate(model, text, mask, **opts)
     assert model.training
     same = generate(model.eval(), text, mask, num_images=2, cfg_scale=2.0, seeds=3, top_k=5, temperature=0.7)
@@ -353,11 +356,11 @@ def test_a_constant_image_takes_one_window_from_the_start_guess():
 def test_speculative_argument_errors():
     model = small_model()
     text, mask = prompts()
-    with pytest.raises(ValueError, match=r"speculative must be >= 0 \(0 = off, W = windows of W codes\), got -2"):
+    with pytest.raises(ValueError, match=r"config key 'sampling.speculative' must be an integer >= 0, got -2"):
         generate(model, text, mask, speculative=-2)
     with pytest.raises(ValueError, match="speculative decoding needs the cache; drop use_cache=False or set speculative=0"):
         generate(model, text, mask, speculative=4, use_cache=False)
-    with pytest.raises(ValueError, match=r"unknown draft prior 'left'; choose one of \['above', 'uniform'\]"):
+    with pytest.raises(ValueError, match=r"config key 'sampling.speculative_prior' is 'left'; choose one of \['above', 'uniform'\]"):
         generate(model, text, mask, speculative=4, speculative_prior="left")
 
 

@@ -21,8 +21,8 @@ from vqgen.data.shapes import (
     sample_scene,
     to_tensor,
 )
-from vqgen.eval.grid import grid_image, save_grid
 from vqgen.eval.scene import CaptionError, adherence, detect, detect_batch, parse_caption, score
+from vqgen.images import grid_image, save_grid
 
 
 def fresh_scenes(n: int, seed: int, max_objects: int = 3) -> list[tuple[SceneObject, ...]]:

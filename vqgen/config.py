@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import json
 import math
 import sys
@@ -245,18 +246,91 @@ class TrainingConfig:
     transformer: TransformerTrainConfig = field(default_factory=TransformerTrainConfig)
 
 
-@dataclass
-class SamplingConfig:
-    cfg_scale: float = 1.5
-    temperature: float = 0.5
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    cfg_schedule: Literal["constant", "linear"] = "constant"  # linear: guidance ramps from 1 to cfg_scale
-    num_images: int = 1  # per prompt
-    seed: int = 0  # image i of every prompt uses seed + i
-    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
-    speculative: int = 0  # W > 0: speculative Jacobi windows of W codes (same distribution, other draws, fewer forwards)
-    prompts: list[str] = field(default_factory=list)  # fixed prompts for training-time grids
+GuidanceSchedule = Literal["constant", "linear"]  # linear: guidance ramps from 1 to cfg_scale over the codes
+DraftPrior = Literal["above", "uniform"]  # speculative drafts for positions entering a window
+MAX_SEED = 2**62 - 1  # a base seed plus an image index stays within torch.Generator's 64 bits
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The finite numbers a setting accepts: ``>= low`` (``> low`` when ``open_low``), ``<= high`` when set."""
+
+    low: float
+    high: float | None = None
+    open_low: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return math.isfinite(value) and above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low}"
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+
+
+def setting(default: Any, help: str, bounds: Bounds | None = None, flag: str = "", metavar: str | None = None) -> Any:
+    """A sampling setting's field: its default, what it means (the CLI help and error messages
+    quote it), its range, and its command-line flag when not ``--{name}``."""
+    return field(default=default, metadata={"help": help, "bounds": bounds, "flag": flag, "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How images are drawn from a trained transformer: each setting declared once, here.
+
+    The run config's ``sampling`` section holds them (``SamplingConfig``), every checkpoint
+    carries them as its samplers' defaults, and everything that samples builds one of these:
+    config loading, ``sample.py`` / ``python -m vqgen.eval adherence`` / bench flags (derived
+    from these fields), JSONL prompt lines, ``Pipeline(...)`` overrides and ``generate(...)``.
+    Building checks every value, so a bad one fails the same way (``ConfigError`` naming
+    ``sampling.<name>``) wherever it comes from. Change one with ``dataclasses.replace``.
+    """
+
+    cfg_scale: float = setting(1.5, "classifier-free guidance scale; 1 = off, 0 = unconditional", Bounds(0), flag="cfg")
+    cfg_schedule: GuidanceSchedule = setting("constant", "guidance over the codes: constant, or linear from 1 to cfg_scale")
+    temperature: float = setting(0.5, "softmax temperature; for greedy decoding use top_k=1", Bounds(0, open_low=True))
+    top_k: int = setting(0, "sample among the k likeliest codes; 0 = off", Bounds(0))
+    top_p: float = setting(
+        1.0, "nucleus: the likeliest codes holding this probability mass; 1 = off", Bounds(0, 1, open_low=True)
+    )
+    num_images: int = setting(1, "images per prompt", Bounds(1), flag="num")
+    seed: int = setting(0, "image i of prompt number p uses the seed image_seed(seed, p, i)", Bounds(0, MAX_SEED))
+    speculative: int = setting(
+        0, "speculative decoding in windows of W draft codes: the same distribution, other draws, fewer forwards; "
+        "0 = off", Bounds(0), metavar="W",
+    )
+    speculative_prior: DraftPrior = setting(
+        "above", "drafts for positions entering a window: the code above, or uniform noise"
+    )
+
+    def __post_init__(self) -> None:
+        hints = _resolved_hints(type(self))
+        for f in dataclasses.fields(self):
+            key = f"sampling.{f.name}"
+            value = _coerce(getattr(self, f.name), hints[f.name], key)  # type and choices, as for every config key
+            bounds = f.metadata.get("bounds")
+            if bounds is not None and value not in bounds:
+                kind = "an integer" if isinstance(value, int) else "a finite number"
+                raise ConfigError(f"config key '{key}' must be {kind} {bounds}, got {value!r} ({f.metadata['help']})")
+            object.__setattr__(self, f.name, value)  # ints widened to floats
+
+    def image_settings(self) -> dict[str, Any]:
+        """What an image's draws depend on besides its seed: every setting but ``num_images`` and
+        ``seed`` (the ``settings`` of an ``index.jsonl`` line, and ``generate`` keywords)."""
+        return {name: getattr(self, name) for name in SETTINGS if name not in ("num_images", "seed")}
+
+
+SETTINGS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
+
+
+@dataclass(frozen=True)
+class SamplingConfig(SamplingSettings):
+    """The run config's ``sampling`` section: the settings the run's checkpoints carry, and the
+    training-time sample grids' prompts and compilation."""
+
+    compile: bool = False  # torch.compile the grids' decode step (CUDA graphs on GPU)
+    prompts: tuple[str, ...] = ()  # fixed prompts for training-time grids
 
 
 @dataclass
@@ -298,6 +372,7 @@ def _valid_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+@functools.cache
 def _resolved_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -328,8 +403,12 @@ def _coerce(value: Any, t: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
-    if origin is tuple:
+    if origin is tuple:  # a list in YAML and JSON: tuple[T, ...] of any length, else one value per type
         item_ts = typing.get_args(t)
+        if item_ts[-1] is Ellipsis:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+            item_ts = item_ts[:1] * len(value)
         if not isinstance(value, (list, tuple)) or len(value) != len(item_ts):
             raise ConfigError(f"config key '{key}' expects a list of {len(item_ts)} values, got {value!r}")
         return tuple(_coerce(v, item_t, f"{key}[{i}]") for i, (v, item_t) in enumerate(zip(value, item_ts)))
@@ -459,17 +538,13 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
 
 def validate(cfg: Config) -> None:
     """The choices of every ``Literal`` field (also for a config built in code), then the value
-    checks that types alone cannot express."""
+    checks that types alone cannot express (the ``sampling`` section checks itself when built)."""
     _check_choices(cfg)
     if not 1 <= cfg.data.min_objects <= cfg.data.max_objects:
         raise ConfigError("config keys 'data.min_objects' <= 'data.max_objects' must hold, both >= 1")
     cond_dropout = cfg.training.transformer.cond_dropout
     if not 0 <= cond_dropout < 1:
         raise ConfigError(f"config key 'training.transformer.cond_dropout' must lie in [0, 1), got {cond_dropout}")
-    if cfg.sampling.speculative < 0:
-        raise ConfigError(f"config key 'sampling.speculative' must be >= 0 (0 = off, W = windows of W codes), got {cfg.sampling.speculative}")
-    if not 0 < cfg.sampling.top_p <= 1:
-        raise ConfigError(f"config key 'sampling.top_p' must lie in (0, 1], got {cfg.sampling.top_p}")
     if cfg.data.resolution % cfg.tokenizer.downsample:
         raise ConfigError(
             f"config key 'data.resolution' ({cfg.data.resolution}) must be a multiple of "

@@ -3,8 +3,8 @@
     python -m vqgen.bench sampling --size tiny --batch 8 --tokens 256 --cfg 1.5 --dtype fp32 --json tiny.json
         times the cached sampler, the full-recompute baseline and HF ``generate()`` on a GPT-2 twin,
         interleaved; ``--quantize int8`` and ``--speculative W`` add contestants
-    python -m vqgen.bench speculative --checkpoint runs/demo/transformer --json spec.json
-        speculative against plain decoding on a trained model: forwards, wall clock, adherence
+    python -m vqgen.bench speculative --checkpoint runs/demo/transformer --prompts runs/demo/prompts/two.txt --json spec.json
+        speculative against plain decoding on a trained model and prompt sets: forwards, wall clock, adherence
     python -m vqgen.bench gpu [--checkpoint runs/demo/transformer] [--device cpu --quick]
         the GPU check: correctness, training, decode speed and serving on an accelerator,
         section by section, into gpu_check.json and gpu_check.md (see vqgen/bench/gpu.py)

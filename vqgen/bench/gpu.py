@@ -17,7 +17,8 @@ Sections, in the order they run (``--sections`` picks some):
     decode_B        the sampling benchmark at random weights, 256 tokens, guidance, batch 1
                     and 64: eager, compiled, speculative W = 16, int8, HF ``generate()`` with
                     its static cache; ms per image beside the weight-read floor
-    speculative     speculative W = 16 against plain decoding on a trained checkpoint
+    speculative     speculative W = 16 against plain decoding on a trained checkpoint and the demo's
+                    prompt sets beside it (<run>/prompts/{single,two}.txt)
     serve           the serving load benchmark (``python -m vqgen.bench serve``), once it exists
     decode_L/XL     as decode_B, last: they get the time the sections before them left
 
@@ -383,10 +384,15 @@ def decode(size: str, opts: Options, rec: Recorder) -> None:
 
 
 def speculative_section(opts: Options, rec: Recorder) -> None:
+    """The speculative bench on the demo's evaluation sets, which the demo writes beside its
+    transformer (``runs/demo/prompts/{single,two}.txt``)."""
     from vqgen.bench.speculative import run_speculative_bench
+    from vqgen.data.prompts import read_prompt_sets
 
-    result = run_speculative_bench(opts.checkpoint, window=WINDOW, num_prompts=3 if opts.quick else 50,
-                                   threads=1 if opts.quick else None, device=opts.device)
+    files = [opts.checkpoint.parent / "prompts" / f"{name}.txt" for name in ("single", "two")]
+    sets = read_prompt_sets(files, num=3 if opts.quick else 50)
+    result = run_speculative_bench(opts.checkpoint, sets, {"speculative": WINDOW}, threads=1 if opts.quick else None,
+                                   device=opts.device)
     for key in ("passes_ratio_b1", "wall_ratio_b1", "wall_ratio_b8", "forwards_per_image", "exact_single_plain",
                 "exact_single_spec", "exact_two_plain", "exact_two_spec", "num_prompts", "grid"):
         rec.put(key, result[key])

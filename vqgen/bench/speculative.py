@@ -1,19 +1,22 @@
 """Speculative against plain decoding on a trained model: forwards, wall clock, adherence.
 
-    python -m vqgen.bench speculative --checkpoint runs/demo/transformer --window 16 --json spec.json
+    python -m vqgen.bench speculative --checkpoint runs/demo/transformer \
+        --prompts runs/demo/prompts/single.txt runs/demo/prompts/two.txt --speculative 16 --json spec.json
 
-The prompts are the demo's evaluation sets: fresh single-object and two-object captions (200
-each by default, none of them a training caption), sampled with the run's own sampling
-settings and the demo's seeds. Both samplers generate every prompt's image, at batch 1 and at
-batch 8, chunk by chunk in alternating order, so a slower stretch of a shared machine slows
-both. Only the transformer's decoding is timed (text encoding and the VQ decoder cost the same
-for both). Images do not depend on the batch, so adherence is scored once per sampler and set,
-with its standard error sqrt(p (1 - p) / n).
+Each prompts file is a set, named by its stem (the demo writes its evaluation sets, fresh
+captions none of which it trained on, to ``<run>/prompts/``). Both samplers use the
+checkpoint's sampling settings, or the flags' (speculative: W = 16 unless ``--speculative``
+says otherwise), one image per prompt at the same seed. Both generate every prompt's image,
+at batch 1 and at batch 8, chunk by chunk in alternating order, so a slower stretch of a
+shared machine slows both. Only the transformer's decoding is timed (text encoding and the
+VQ decoder cost the same for both). Images do not depend on the batch, so adherence is scored
+once per sampler and set, with its standard error sqrt(p (1 - p) / n).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,25 +30,16 @@ import torch
 from torch import Tensor
 
 from vqgen.bench.sampling import device_name
-from vqgen.checkpoint import atomic_write_text, load_config_json
-from vqgen.config import Config, from_dict
-from vqgen.sampling import PRIORS, generate
+from vqgen.checkpoint import atomic_write_text
+from vqgen.data.prompts import read_prompt_sets
+from vqgen.eval.scene import adherence
+from vqgen.sampling import generate, sampling_options
+from vqgen.sampling.cli import add_setting_arguments, overrides, positive_int
+from vqgen.sampling.pipeline import Pipeline
 
 BATCHES = (1, 8)
-SETS = ("single", "two")
 SAMPLERS = ("plain", "spec")
-
-
-def _prompt_sets(checkpoint: Path, num: int) -> tuple[Config, dict[str, list[str]]]:
-    """The run's config and its fresh evaluation prompts per set."""
-    from vqgen.data.codes import CodeShards
-    from vqgen.train.demo import evaluation_prompts
-
-    cfg = from_dict(Config, load_config_json(checkpoint, "transformer").get("run", {}))
-    codes = checkpoint / "codes"  # the training captions, when the run kept its code shards
-    training = set(CodeShards(codes).captions) if codes.is_dir() else set()
-    sets = evaluation_prompts(cfg, training, num)
-    return cfg, {name: sets[name] for name in SETS}
+WINDOW = 16  # the bench's speculative window unless --speculative sets one
 
 
 def _timed(fn, device: torch.device) -> tuple[float, Any]:
@@ -62,43 +56,37 @@ def _standard_error(p: float, n: int) -> float:
 
 
 def run_speculative_bench(
-    checkpoint: Path, window: int = 16, num_prompts: int = 200, prior: str = "above", threads: int | None = None,
-    device: str | None = None,
+    checkpoint: Path, prompt_sets: dict[str, list[str]], changes: dict[str, Any] | None = None,
+    threads: int | None = None, device: str | None = None,
 ) -> dict[str, Any]:
-    """Plain vs ``speculative=window`` on the checkpoint's evaluation prompts -> the JSON-ready result."""
-    if window < 1:
-        raise ValueError(f"--window must be >= 1, got {window}")
-    if num_prompts < 1:
-        raise ValueError(f"--num-prompts must be >= 1, got {num_prompts}")
-    if prior not in PRIORS:
-        raise ValueError(f"--prior {prior!r}: choose one of {list(PRIORS)}")
+    """Plain decoding against ``speculative=W`` on ``prompt_sets`` (name -> prompts) -> the
+    JSON-ready result. ``changes`` replace some of the checkpoint's sampling settings; W is
+    the resulting ``speculative``, which must be >= 1."""
     if not (checkpoint / "config.json").is_file():
         raise ValueError(f"--checkpoint {checkpoint} holds no config.json; give a transformer checkpoint directory")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     try:
-        return _run(checkpoint, window, num_prompts, prior, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return _run(checkpoint, prompt_sets, changes or {}, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     finally:
         torch.set_num_threads(previous)
 
 
 @torch.inference_mode()
-def _run(checkpoint: Path, window: int, num_prompts: int, prior: str, device: str) -> dict[str, Any]:
-    from vqgen.eval.scene import adherence
-    from vqgen.sampling.pipeline import Pipeline
-
+def _run(checkpoint: Path, sets: dict[str, list[str]], changes: dict[str, Any], device: str) -> dict[str, Any]:
     pipeline = Pipeline.from_pretrained(checkpoint, device=device)
     model = pipeline.transformer
-    cfg, sets = _prompt_sets(checkpoint, num_prompts)
-    s = cfg.sampling
-    options = dict(cfg_scale=s.cfg_scale, cfg_schedule=s.cfg_schedule, temperature=s.temperature, top_k=s.top_k,
-                   top_p=s.top_p, seeds=s.seed)
-    samplers = {"plain": dict(speculative=0), "spec": dict(speculative=window, speculative_prior=prior)}
+    settings = pipeline.settings(**changes, num_images=1)
+    if settings.speculative < 1:
+        raise ValueError(f"--speculative must be >= 1 (the window compared with plain decoding), got {settings.speculative}")
+    options = sampling_options(settings)
+    samplers = {"plain": dict(speculative=0), "spec": dict(speculative=settings.speculative)}
 
     result: dict[str, Any] = {
         "device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "checkpoint": str(checkpoint), "window": window, "prior": prior,
-        "grid": list(model.cfg.grid), "vocab": model.cfg.vocab_size, "options": options, "num_prompts": num_prompts,
+        "python": platform.python_version(), "checkpoint": str(checkpoint), "window": settings.speculative,
+        "prior": settings.speculative_prior, "grid": list(model.cfg.grid), "vocab": model.cfg.vocab_size,
+        "settings": dataclasses.asdict(settings), "num_prompts": {name: len(prompts) for name, prompts in sets.items()},
         "sets": {},
     }
     seconds = {(b, name): 0.0 for b in BATCHES for name in SAMPLERS}
@@ -109,7 +97,7 @@ def _run(checkpoint: Path, window: int, num_prompts: int, prior: str, device: st
         def run(name: str, chunk: slice) -> tuple[Tensor, Tensor]:
             valid = mask[chunk].any(0)  # the chunk's own text length, as Pipeline does
             return generate(model, text[chunk][:, valid].to(device), mask[chunk][:, valid].to(device),
-                            return_forwards=True, **options, **samplers[name])
+                            return_forwards=True, **(options | samplers[name]))
 
         for name in SAMPLERS:  # warm-up (first calls allocate caches)
             run(name, slice(0, max(BATCHES)))
@@ -152,16 +140,17 @@ def _run(checkpoint: Path, window: int, num_prompts: int, prior: str, device: st
 
 
 def format_report(r: dict[str, Any]) -> str:
+    sizes = ", ".join(f"{n} {name}" for name, n in r["num_prompts"].items())
     lines = [
         f"{r['device']}, {r['threads']} threads, torch {r['torch']}; grid {r['grid'][0]}x{r['grid'][1]}, "
-        f"vocab {r['vocab']}, window {r['window']} ({r['prior']} prior), {r['num_prompts']} prompts per set",
+        f"vocab {r['vocab']}, window {r['window']} ({r['prior']} prior), prompts: {sizes}",
         f"forwards per image: plain {r['forwards_per_image']['plain']:.1f}, speculative "
         f"{r['forwards_per_image']['spec']:.2f} ({r['passes_ratio_b1']:.2f}x fewer)",
     ]
     for b in BATCHES:
         sec = r[f"seconds_b{b}"]
         lines.append(f"batch {b}: plain {sec['plain']:.1f} s, speculative {sec['spec']:.1f} s ({r[f'wall_ratio_b{b}']:.2f}x)")
-    for name in SETS:
+    for name in r["sets"]:
         plain, spec = (r[f"exact_{name}_{s}"] for s in SAMPLERS)
         se_plain, se_spec = (r[f"exact_{name}_{s}_se"] for s in SAMPLERS)
         lines.append(f"exact match, {name}: plain {plain:.1%} ± {se_plain:.1%}, speculative {spec:.1%} ± {se_spec:.1%}")
@@ -170,16 +159,20 @@ def format_report(r: dict[str, Any]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a trained transformer checkpoint directory")
-    parser.add_argument("--window", type=int, default=16, help="speculative window W (default 16)")
-    parser.add_argument("--num-prompts", type=int, default=200, help="prompts per set (default 200)")
-    parser.add_argument("--prior", default="above", help=f"drafts for new window positions: {' or '.join(PRIORS)}")
+    parser.add_argument("--prompts", type=Path, nargs="+", required=True, metavar="FILE",
+                        help="prompt sets, one text file each (one prompt per line), named by the file's stem; "
+                        "their prompts must be scene captions (adherence is scored with the scene checker)")
+    parser.add_argument("--num-prompts", type=positive_int, help="the first N prompts of each set (default: all)")
+    add_setting_arguments(parser, skip=("num_images",))  # one image per prompt
+    parser.set_defaults(speculative=WINDOW)
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores available)")
     parser.add_argument("--device", help="default cuda when available, else cpu")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results here as JSON")
 
 
 def run(args: argparse.Namespace) -> None:
-    result = run_speculative_bench(args.checkpoint, args.window, args.num_prompts, args.prior, args.threads, args.device)
+    sets = read_prompt_sets(args.prompts, args.num_prompts)
+    result = run_speculative_bench(args.checkpoint, sets, overrides(args), args.threads, args.device)
     print(format_report(result))
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")

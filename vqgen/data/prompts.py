@@ -1,7 +1,8 @@
-"""Prompt files: one prompt per line."""
+"""Prompt files: one prompt per line; a prompt set is one such file, named by its stem."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -20,3 +21,14 @@ def read_prompts(path: Path) -> list[str]:
     if not lines:
         raise ValueError(f"{path} holds no prompts")
     return [line.strip() for line in lines]
+
+
+def read_prompt_sets(paths: Sequence[Path], num: int | None = None) -> dict[str, list[str]]:
+    """Prompt sets from text files, each named by its file's stem (``prompts/two.txt`` -> "two"):
+    the first ``num`` prompts of each (None = all)."""
+    sets: dict[str, list[str]] = {}
+    for path in map(Path, paths):
+        if path.stem in sets:
+            raise ValueError(f"two prompt files are named {path.stem!r} ({path}); a set is named by its file's stem")
+        sets[path.stem] = read_prompts(path)[:num]
+    return sets

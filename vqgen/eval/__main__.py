@@ -19,6 +19,7 @@ an entry and two functions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -32,8 +33,8 @@ from vqgen.data.prompts import read_prompts
 from vqgen.eval import tokenizer as tokenizer_cli
 from vqgen.eval.clip_score import DEFAULT_CLIP, clip_score_folder, load_clip
 from vqgen.eval.fid import fid_kid, inception_features, load_inception
-from vqgen.eval.grid import to_pil
 from vqgen.eval.scene import ATTRIBUTES, adherence
+from vqgen.images import to_pil
 from vqgen.sampling.cli import add_setting_arguments, describe, overrides, transformer_dir
 from vqgen.sampling.pipeline import Pipeline
 
@@ -60,7 +61,7 @@ def add_adherence_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path,
                         help="transformer checkpoint (or run dir): generate one image per prompt first, with the "
                         "sampling settings saved in it unless the flags below set them")
-    add_setting_arguments(parser, num=False)
+    add_setting_arguments(parser, skip=("num_images",))  # one image per prompt
     parser.add_argument("--batch-size", type=int, default=64, help="(with --checkpoint) images sampled at once")
     parser.add_argument("--json", type=Path, help="also write the scores (and the sampling settings) here as JSON")
 
@@ -86,13 +87,13 @@ def generate_images(args: argparse.Namespace, prompts: list[str]) -> tuple[list[
     flagged = overrides(args)
     settings = pipeline.settings(**flagged, num_images=1)
     print(describe(pipeline, settings, flagged), flush=True)
-    _, tensors = pipeline(prompts, batch_size=args.batch_size, progress=True, **settings)
+    _, tensors = pipeline(prompts, batch_size=args.batch_size, progress=True, **dataclasses.asdict(settings))
     images = to_pil(tensors)
     if args.images:
         args.images.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             image.save(args.images / f"{i:06d}.png")
-    return images, {"checkpoint": pipeline.checkpoint, "weights": pipeline.weights, "sampling": settings}
+    return images, {"checkpoint": pipeline.checkpoint, "weights": pipeline.weights, "sampling": dataclasses.asdict(settings)}
 
 
 def run_adherence(args: argparse.Namespace) -> None:

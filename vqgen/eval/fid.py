@@ -37,8 +37,8 @@ from torch import nn
 
 from vqgen.checkpoint import file_digest
 from vqgen.data.shapes import Scene, render_scene
-from vqgen.eval.grid import to_pil
 from vqgen.eval.scene import parse_caption
+from vqgen.images import to_pil
 from vqgen.progress import progress_bar
 
 INCEPTION_ENV = "VQGEN_INCEPTION"

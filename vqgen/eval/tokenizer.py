@@ -27,8 +27,8 @@ from vqgen.checkpoint import EMA_FILE, atomic_write_text, checkpoint_state, load
 from vqgen.config import ConfigError, DataConfig, load_config
 from vqgen.data.splits import heldout_dataset
 from vqgen.eval.fid import InceptionFeatures, MetricsError, frechet_distance, inception_features, load_inception
-from vqgen.eval.grid import to_pil
 from vqgen.eval.scene import adherence
+from vqgen.images import to_pil
 from vqgen.tokenizer import VQTokenizer, psnr
 
 # a patch is flat when every channel spans at most this much (one 8-bit step is 2/255)

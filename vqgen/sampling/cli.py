@@ -5,10 +5,9 @@
     accelerate launch --num_processes 8 sample.py --checkpoint runs/demo --prompts prompts.jsonl --out-dir samples/
 
 Settings: the sampling section saved with the run (guidance, temperature, top-k/top-p, images
-per prompt, seed, speculative window) unless a flag sets one; a JSONL prompt line may set its
-own ("seed", "cfg_scale", "temperature", "top_k", "top_p", "cfg_schedule", "num_images",
-"speculative"). The effective
-settings are printed and saved with the images.
+per prompt, seed, speculative window and prior: the fields of vqgen.config.SamplingSettings)
+unless a flag sets one; a JSONL prompt line may set its own under the field's name ("seed",
+"cfg_scale", "num_images", ...). The effective settings are printed and saved with the images.
 
 Seeds: image i of prompt number p (0-based) uses the seed image_seed(seed, p, i), a hash of the
 three, so every (prompt, image) pair has its own noise; a JSONL line's own "seed" S gives its
@@ -23,17 +22,28 @@ or ``--unconditional``, samples the learned null caption.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from accelerate import PartialState
+from accelerate.utils import gather_object
+from PIL import Image
 
 from vqgen.checkpoint import CheckpointError, atomic_write_text
-from vqgen.sampling.pipeline import check_setting
+from vqgen.config import SETTINGS, ConfigError, SamplingSettings
+from vqgen.images import save_grid
+from vqgen.progress import progress_bar
+from vqgen.sampling.jobs import Prompt, blocks, plan, read_prompt_file, run_job, sample_block
+from vqgen.sampling.pipeline import Pipeline
 from vqgen.sampling.quantize import MODES
-
-# flag -> sampling setting it overrides
-FLAGS = {"num": "num_images", "cfg": "cfg_scale", "cfg_schedule": "cfg_schedule", "temperature": "temperature",
-         "top_k": "top_k", "top_p": "top_p", "seed": "seed", "speculative": "speculative"}
+from vqgen.text import PromptError
 
 
 def transformer_dir(path: Path) -> Path:
@@ -44,48 +54,49 @@ def transformer_dir(path: Path) -> Path:
     return path
 
 
-def setting_type(key: str, kind: type):
-    """An argparse type that parses with ``kind`` and checks the value as sampling setting ``key``."""
+def setting_type(name: str):
+    """An argparse type for sampling setting ``name``: the flag's text read as YAML (as in a
+    ``sampling.<name>=...`` config override), checked by ``SamplingSettings``."""
 
-    def parse(text: str):
+    def parse(text: str) -> Any:
         try:
-            return check_setting(key, kind(text))
-        except ValueError as e:
+            return getattr(SamplingSettings(**{name: yaml.safe_load(text)}), name)
+        except (ConfigError, yaml.YAMLError) as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def add_setting_arguments(p: argparse.ArgumentParser, num: bool = True) -> None:
-    """The sampling flags, each defaulting to the checkpoint's value."""
-    if num:
-        p.add_argument("--num", type=setting_type("num_images", int), help="images per prompt")
-    p.add_argument("--cfg", type=setting_type("cfg_scale", float), help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--cfg-schedule", type=setting_type("cfg_schedule", str), help="guidance over the tokens: constant | linear")
-    p.add_argument("--temperature", type=setting_type("temperature", float))
-    p.add_argument("--top-k", type=setting_type("top_k", int), help="0 = off")
-    p.add_argument("--top-p", type=setting_type("top_p", float), help="nucleus mass in (0, 1]; 1 = off")
-    p.add_argument("--seed", type=setting_type("seed", int), help="see 'Seeds' above")
-    p.add_argument("--speculative", type=setting_type("speculative", int), metavar="W",
-                   help="speculative Jacobi decoding with windows of W codes, exact in distribution "
-                        "(another W draws other images from the same distribution; 0 = off)")
+def add_setting_arguments(p: argparse.ArgumentParser, skip: Collection[str] = ()) -> None:
+    """One flag per field of ``SamplingSettings`` but those in ``skip``: ``--{name}`` (or the
+    field's own flag), its help, its choices; left unset, a flag keeps the checkpoint's value."""
+    group = p.add_argument_group("sampling settings", "each left unset keeps the checkpoint's value")
+    hints = typing.get_type_hints(SamplingSettings)
+    for f in dataclasses.fields(SamplingSettings):
+        if f.name in skip:
+            continue
+        flag = "--" + (f.metadata["flag"] or f.name).replace("_", "-")
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+        metavar = "{" + ",".join(choices) + "}" if choices else f.metadata["metavar"]
+        group.add_argument(flag, dest=f.name, type=setting_type(f.name), metavar=metavar, help=f.metadata["help"])
 
 
-def overrides(args: argparse.Namespace) -> dict:
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The settings the command line sets (flags left unset keep the checkpoint's)."""
-    return {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag, None) is not None}
+    return {name: getattr(args, name) for name in SETTINGS if getattr(args, name, None) is not None}
 
 
-def describe(pipeline, settings: dict, flagged: dict) -> str:
+def describe(pipeline: Pipeline, settings: SamplingSettings, flagged: dict[str, Any]) -> str:
     """One line per fact: checkpoint, weights, settings (a * marks a value set by a flag)."""
-    shown = " ".join(f"{k}={v}{'*' if k in flagged else ''}" for k, v in settings.items())
+    shown = " ".join(f"{k}={v}{'*' if k in flagged else ''}" for k, v in dataclasses.asdict(settings).items())
     return (f"checkpoint: {pipeline.checkpoint} (weights: {pipeline.weights})\n"
             f"sampling:   {shown}  (the checkpoint's; * = set on the command line)")
 
@@ -99,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts", type=Path, help="text file (one prompt per line) or .jsonl (see above)")
     src.add_argument("--unconditional", action="store_true", help="sample the learned null caption")
     add_setting_arguments(p)
-    p.add_argument("--batch-size", type=_positive_int, default=32,
+    p.add_argument("--batch-size", type=positive_int, default=32,
                    help="images sampled and decoded at once (default 32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--quantize", choices=MODES, help="sample with int8 linear layers (see vqgen.sampling.quantize)")
@@ -108,10 +119,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _grid(images: list, entries: list, out: Path, ncol: int, pipeline) -> None:
+def _grid(images: list, entries: list, out: Path, ncol: int, pipeline: Pipeline) -> None:
     """The captioned grid, with its tiles' prompts, seeds and settings beside it (``out.jsonl``)."""
-    from vqgen.eval.grid import save_grid
-
     save_grid(images, [e.prompt or "(unconditional)" for e in entries], out, ncol=ncol)
     lines = [json.dumps({**e.record(pipeline.checkpoint, pipeline.weights), "file": out.name, "tile": k})
              for k, e in enumerate(entries)]
@@ -123,15 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.out is None and args.out_dir is None:
         p.error("give --out grid.png, --out-dir DIR, or both")
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    from vqgen.sampling.jobs import Prompt, blocks, plan, read_prompt_file, run_job, sample_block
-    from vqgen.sampling.pipeline import Pipeline
-    from vqgen.progress import progress_bar
-    from vqgen.text import PromptError
-
     state = PartialState(cpu=not torch.cuda.is_available())
     try:
         if args.prompts:
@@ -159,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 
             run_job(pipeline, entries, args.out_dir, args.batch_size, state, progress=progress, **runtime)
             if state.is_main_process and args.out:
-                from PIL import Image
-
                 images = [Image.open(args.out_dir / e.file).convert("RGB") for e in entries]
         else:
             with state.split_between_processes(blocks(entries, args.batch_size)) as mine:

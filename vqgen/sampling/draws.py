@@ -8,10 +8,14 @@ acceptance test.
 
 from __future__ import annotations
 
+import typing
+
 import torch
 from torch import Tensor
 
-SCHEDULES = ("constant", "linear")
+from vqgen.config import GuidanceSchedule
+
+SCHEDULES = typing.get_args(GuidanceSchedule)
 
 
 def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:

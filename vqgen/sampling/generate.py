@@ -28,7 +28,7 @@ import torch
 from einops import repeat
 from torch import Tensor, nn
 
-from vqgen.config import SamplingConfig
+from vqgen.config import SETTINGS, DraftPrior, GuidanceSchedule, SamplingConfig, SamplingSettings
 from vqgen.model import Transformer
 from vqgen.sampling.cache import decoder_for, text_bucket
 from vqgen.sampling.draws import SCHEDULES, draw_uniforms, guidance_scales, guide, sample_logits
@@ -63,13 +63,13 @@ def generate(
     *,
     num_images: int = 1,
     cfg_scale: float = 1.5,
-    cfg_schedule: str = "constant",
+    cfg_schedule: GuidanceSchedule = "constant",
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     seeds: Tensor | int = 0,
     speculative: int = 0,
-    speculative_prior: str = "above",
+    speculative_prior: DraftPrior = "above",
     use_cache: bool = True,
     compile: bool = False,
     cache_dtype: torch.dtype | None = None,
@@ -77,9 +77,13 @@ def generate(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Sample ``num_images`` code grids per prompt -> codes [P * num_images, h, w] (prompt-major).
 
-    text [P, L, d_text] and text_mask [P, L] come from ``vqgen.text``. ``seeds``: an int gives
-    image i of every prompt the seed ``seeds + i`` (so a prompt gives the same images alone or
-    in a batch); a LongTensor [P * num_images] sets each image's seed.
+    text [P, L, d_text] and text_mask [P, L] come from ``vqgen.text``. The sampling settings
+    mean what the fields of ``vqgen.config.SamplingSettings`` say, and are checked by building
+    one (a bad value raises the ``ConfigError`` config loading raises). The defaults here are
+    generate's own (temperature 1, no top-k/top-p cut); a run's settings come in through
+    ``sampling_options``. ``seeds``: an int gives image i of every prompt the seed ``seeds + i``
+    (so a prompt gives the same images alone or in a batch); a LongTensor [P * num_images] sets
+    each image's seed.
 
     ``speculative=W`` (W >= 1; 0 = off) decodes by speculative Jacobi windows of W codes: the
     images follow exactly the plain sampler's distribution, in fewer forwards, but are other
@@ -91,16 +95,11 @@ def generate(
     model's on GPU, float32 on CPU); attention math runs in the wider of it and the model's.
     ``return_forwards``: also return each image's number of model forwards [P * num_images].
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}; for greedy decoding use top_k=1")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
-    if speculative < 0:
-        raise ValueError(f"speculative must be >= 0 (0 = off, W = windows of W codes), got {speculative}")
+    SamplingSettings(  # a bad setting raises here, as at config load and on the command line
+        cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p,
+        num_images=num_images, speculative=speculative, speculative_prior=speculative_prior,
+        **({"seed": seeds} if isinstance(seeds, int) else {}),
+    )
     if speculative and not use_cache:
         raise ValueError("speculative decoding needs the cache; drop use_cache=False or set speculative=0")
     h, w = model.cfg.grid
@@ -166,9 +165,11 @@ def plain_decode(model: Transformer, caches: nn.ModuleList, seeds: Tensor, scale
     return codes
 
 
-def sampling_options(cfg: SamplingConfig) -> dict[str, Any]:
-    """``generate`` keyword arguments from the run config's ``sampling`` section."""
-    return dict(
-        num_images=cfg.num_images, cfg_scale=cfg.cfg_scale, cfg_schedule=cfg.cfg_schedule, temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p, seeds=cfg.seed, compile=cfg.compile, speculative=cfg.speculative,
-    )
+def sampling_options(settings: SamplingSettings) -> dict[str, Any]:
+    """``generate`` keyword arguments for ``settings`` (``seeds=seed``: image i of every prompt
+    at seed + i); a run config's ``sampling`` section also gives ``compile``."""
+    options = {name: getattr(settings, name) for name in SETTINGS}
+    options["seeds"] = options.pop("seed")
+    if isinstance(settings, SamplingConfig):
+        options["compile"] = settings.compile
+    return options

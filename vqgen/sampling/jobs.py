@@ -31,7 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from vqgen.checkpoint import atomic_write, atomic_write_text
-from vqgen.sampling.pipeline import SETTINGS, Pipeline, check_setting, image_seed
+from vqgen.config import SETTINGS, ConfigError, SamplingSettings
+from vqgen.data.prompts import read_prompts
+from vqgen.images import to_pil
+from vqgen.sampling.pipeline import Pipeline, image_seed
 
 INDEX = "index.jsonl"
 MANIFEST = "job.json"
@@ -64,10 +67,9 @@ class ImageEntry:
 
 
 def read_prompt_file(path: Path) -> list[Prompt]:
-    """Prompts of a ``.jsonl`` file (one object per line: ``"prompt"``, optional ``"seed"`` and
-    settings such as ``"cfg_scale"``, ``"num_images"``) or of a text file (one prompt per line)."""
-    from vqgen.data.prompts import read_prompts
-
+    """Prompts of a ``.jsonl`` file (one object per line: ``"prompt"``, and optionally any field
+    of ``SamplingSettings``: ``"seed"``, ``"cfg_scale"``, ``"num_images"``, ...) or of a text file
+    (one prompt per line)."""
     path = Path(path)
     if path.suffix != ".jsonl":
         return [Prompt(text) for text in read_prompts(path)]
@@ -88,11 +90,13 @@ def read_prompt_file(path: Path) -> list[Prompt]:
         unknown = sorted(set(entry) - set(keys))
         if unknown:
             raise ValueError(f"{where}unknown key {unknown[0]!r}; valid keys: {', '.join(keys)}")
-        seed = entry.pop("seed", None)
-        if seed is not None:
-            check_setting("seed", seed, where)
         text = entry.pop("prompt")
-        settings = tuple(sorted((k, check_setting(k, v, where)) for k, v in entry.items()))
+        try:
+            checked = SamplingSettings(**entry)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
+        seed = checked.seed if "seed" in entry else None
+        settings = tuple((key, getattr(checked, key)) for key in sorted(entry) if key != "seed")
         prompts.append(Prompt(text, seed, settings))
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
@@ -105,11 +109,11 @@ def plan(prompts: list[Prompt], pipeline: Pipeline, overrides: dict[str, Any]) -
     ``image_seed(seed, p, i)``, or ``prompt.seed + i`` when the prompt gives its own seed."""
     images = []
     for p, prompt in enumerate(prompts):
-        settings = pipeline.settings(f"prompt {p}: ", **{**overrides, **dict(prompt.settings)})
-        num, seed = settings.pop("num_images"), settings.pop("seed")
-        for i in range(num):
-            s = prompt.seed + i if prompt.seed is not None else image_seed(seed, p, i)
-            images.append(ImageEntry(f"{p:06d}_{i:03d}.png", prompt.text, p, i, s, tuple(sorted(settings.items()))))
+        settings = pipeline.settings(**{**overrides, **dict(prompt.settings)})
+        drawn = tuple(sorted(settings.image_settings().items()))
+        for i in range(settings.num_images):
+            s = prompt.seed + i if prompt.seed is not None else image_seed(settings.seed, p, i)
+            images.append(ImageEntry(f"{p:06d}_{i:03d}.png", prompt.text, p, i, s, drawn))
     return images
 
 
@@ -121,8 +125,6 @@ def blocks(images: list[ImageEntry], batch_size: int) -> list[list[ImageEntry]]:
 def sample_block(pipeline: Pipeline, block: list[ImageEntry], **runtime: Any) -> list:
     """A block's images as PIL, in order; one ``generate`` call per distinct settings.
     ``runtime`` options (e.g. ``compile``) go to ``generate`` beside each image's settings."""
-    from vqgen.eval.grid import to_pil
-
     out: list = [None] * len(block)
     for settings in dict.fromkeys(image.settings for image in block):
         rows = [k for k, image in enumerate(block) if image.settings == settings]

@@ -3,7 +3,8 @@
 ``Pipeline.from_pretrained(transformer_dir)`` finds the tokenizer the transformer was trained
 with (recorded in its config) and the text encoder named there, and reads the sampling
 settings the run was trained and scored with (the ``sampling`` section of the run config saved
-in the export's ``config.json``): they are the defaults of every call, overridable one by one.
+in the export's ``config.json``, as ``SamplingSettings``): they are the defaults of every call,
+overridable one by one.
 ``pipeline(prompts, ...)`` encodes the prompts, samples codes with
 :func:`vqgen.sampling.generate`, and decodes them.
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,47 +34,13 @@ import torch
 from torch import Tensor
 
 from vqgen.checkpoint import CheckpointError, load_config_json
-from vqgen.config import SamplingConfig
+from vqgen.config import SETTINGS, ConfigError, SamplingSettings
 from vqgen.model import Transformer
 from vqgen.progress import progress_bar
-from vqgen.sampling.generate import SCHEDULES, generate
+from vqgen.sampling.generate import generate
 from vqgen.sampling.quantize import quantize as quantize_model, resolve_mode
-
-# the sampling settings a checkpoint records and every call may override
-SETTINGS = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "num_images", "seed", "speculative")
-MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; the sum seed + i of a prompt's own seed stays valid
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# each setting: (is the value valid, what a valid value is)
-_RULES: dict[str, tuple[Any, str]] = {
-    "cfg_scale": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0 (1 = no guidance, 0 = unconditional)"),
-    "cfg_schedule": (lambda v: v in SCHEDULES, f"one of {list(SCHEDULES)}"),
-    "temperature": (lambda v: _is_number(v) and v > 0, "a finite number > 0 (for greedy decoding use top_k=1)"),
-    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
-    "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (1 = off)"),
-    "num_images": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "seed": (lambda v: _is_int(v) and 0 <= v <= MAX_SEED // 2, f"an integer in [0, {MAX_SEED // 2}]"),
-    "speculative": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off, W = windows of W draft codes)"),
-}
-
-
-def check_setting(key: str, value: Any, where: str = "") -> Any:
-    """``value`` if it is valid for sampling setting ``key``, else a ``ValueError`` naming
-    both (and ``where`` it came from: a flag, a file line, a checkpoint)."""
-    if key not in _RULES:
-        raise ValueError(f"{where}unknown sampling setting {key!r}; valid ones: {', '.join(SETTINGS)}")
-    valid, expected = _RULES[key]
-    if not valid(value):
-        raise ValueError(f"{where}sampling setting {key} must be {expected}, got {value!r}")
-    return value
+from vqgen.text import PromptError, TextEncoder
+from vqgen.tokenizer import VQTokenizer
 
 
 def image_seed(seed: int, prompt: int, image: int) -> int:
@@ -84,15 +50,14 @@ def image_seed(seed: int, prompt: int, image: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def checkpoint_settings(config: dict[str, Any], source: str) -> dict[str, Any]:
+def checkpoint_settings(config: dict[str, Any], source: str) -> SamplingSettings:
     """The sampling settings saved with a run (``config["run"]["sampling"]``); the neutral
-    defaults of ``SamplingConfig`` for what a checkpoint does not record."""
-    defaults = dataclasses.asdict(SamplingConfig())
+    defaults of ``SamplingSettings`` for what a checkpoint does not record."""
     saved = (config.get("run") or {}).get("sampling") or {}
-    settings = {key: saved.get(key, defaults[key]) for key in SETTINGS}
-    for key, value in settings.items():
-        check_setting(key, value, f"{source}: ")
-    return settings
+    try:
+        return SamplingSettings(**{key: value for key, value in saved.items() if key in SETTINGS})
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 @dataclass
@@ -100,7 +65,7 @@ class Pipeline:
     transformer: Transformer
     tokenizer: torch.nn.Module  # vqgen.tokenizer.VQTokenizer
     encoder: object  # vqgen.text.TextEncoder
-    defaults: dict[str, Any] = field(default_factory=lambda: checkpoint_settings({}, "defaults"))
+    defaults: SamplingSettings = field(default_factory=SamplingSettings)  # the checkpoint's sampling settings
     checkpoint: str = ""  # where the transformer was loaded from
     weights: str = "raw"  # "ema (decay D)" when the export holds EMA weights
 
@@ -117,9 +82,6 @@ class Pipeline:
         The weights are the export's ``model.safetensors``: the EMA weights when the run
         trained with ``ema_decay > 0`` (the training loop exports those), the raw ones otherwise.
         """
-        from vqgen.text import TextEncoder
-        from vqgen.tokenizer import VQTokenizer
-
         transformer_dir = Path(transformer_dir)
         config = load_config_json(transformer_dir, "transformer")
         if tokenizer_dir is None:
@@ -151,20 +113,14 @@ class Pipeline:
     def device(self) -> torch.device:
         return self.transformer.bos.device
 
-    def settings(self, where: str = "", **overrides: Any) -> dict[str, Any]:
-        """The checkpoint's sampling settings with ``overrides`` (None = keep) applied, checked.
-        Keys outside ``SETTINGS`` (e.g. ``compile``) pass through to ``generate`` unchecked."""
-        settings = dict(self.defaults)
-        for key, value in overrides.items():
-            if value is not None:
-                settings[key] = check_setting(key, value, where) if key in SETTINGS else value
-        return settings
+    def settings(self, **overrides: Any) -> SamplingSettings:
+        """The checkpoint's sampling settings with ``overrides`` (None = keep) applied; a bad value
+        raises the ``ConfigError`` that config loading and the command line raise for it."""
+        return dataclasses.replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
 
     def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Prompts -> (text [P, L, d], mask [P, L]); an empty prompt gets an all-False mask (the
         null caption). A prompt longer than the text encoder takes raises ``PromptError``."""
-        from vqgen.text import PromptError
-
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise PromptError(f"prompt {i} is a {type(prompt).__name__}, not text")
@@ -191,25 +147,27 @@ class Pipeline:
 
     @torch.no_grad()
     def __call__(
-        self, prompts: Sequence[str], num_images: int | None = None, seed: int | None = None, batch_size: int = 64,
-        progress: bool = False, **options: Any,
+        self, prompts: Sequence[str], batch_size: int = 64, progress: bool = False, compile: bool = False,
+        **overrides: Any,
     ) -> tuple[Tensor, Tensor]:
         """``prompts`` -> (codes [P * num_images, h, w], images [P * num_images, 3, H, W] in [-1, 1]),
-        prompt-major. Unset settings (``num_images``, ``seed``, ``options``: cfg_scale,
-        temperature, top_k, top_p, cfg_schedule; also ``compile``) are the checkpoint's. Image
-        ``i`` of ``prompts[p]`` uses seed ``image_seed(seed, p, i)``; ``batch_size`` images are
-        sampled and decoded at a time. "" is the null caption. A prompt too long for the text encoder raises
+        prompt-major. ``overrides`` are sampling settings (``num_images``, ``seed``, ``cfg_scale``,
+        ``temperature``, ...: any field of ``SamplingSettings``); unset or None ones are the
+        checkpoint's. Image ``i`` of ``prompts[p]`` uses seed ``image_seed(seed, p, i)``;
+        ``batch_size`` images are sampled and decoded at a time; ``compile`` compiles the decode
+        step. "" is the null caption. A prompt too long for the text encoder raises
         ``PromptError`` before any work.
         """
-        settings = self.settings(num_images=num_images, seed=seed, **options)
-        n, seed = settings.pop("num_images"), settings.pop("seed")
+        settings = self.settings(**overrides)
+        options = settings.image_settings()
         prompts = list(prompts)
         self.encode(prompts)  # every prompt checked before any sampling
-        jobs = [(p, i) for p in range(len(prompts)) for i in range(n)]
+        jobs = [(p, i) for p in range(len(prompts)) for i in range(settings.num_images)]
         codes, images = [], []
         for start in progress_bar(range(0, len(jobs), batch_size), desc="sampling", disable=not progress):
             chunk = jobs[start : start + batch_size]
-            c, x = self.sample([prompts[p] for p, _ in chunk], [image_seed(seed, p, i) for p, i in chunk], **settings)
+            seeds = [image_seed(settings.seed, p, i) for p, i in chunk]
+            c, x = self.sample([prompts[p] for p, _ in chunk], seeds, compile=compile, **options)
             codes.append(c)
             images.append(x)
         return torch.cat(codes), torch.cat(images)

@@ -39,6 +39,7 @@ images finished.
 
 from __future__ import annotations
 
+import typing
 import weakref
 from collections.abc import Callable
 
@@ -47,11 +48,12 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor, nn
 
+from vqgen.config import DraftPrior
 from vqgen.model import Transformer
 from vqgen.sampling.cache import Decoder
 from vqgen.sampling.draws import draw_uniforms, guide, inverse_cdf, probabilities
 
-PRIORS = ("above", "uniform")  # drafts for positions entering a window
+PRIORS = typing.get_args(DraftPrior)  # drafts for positions entering a window
 
 _START_GUESSES: weakref.WeakKeyDictionary[Transformer, tuple[tuple[int, ...], int]] = weakref.WeakKeyDictionary()
 

@@ -30,6 +30,7 @@ holds combinations out of the transformer's training only).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -136,8 +137,8 @@ def stage(name: str, seconds: dict[str, float]):
 
 def run_demo(cfg: Config, out: Path) -> dict:
     """Run every stage into ``out``; returns (and writes) ``out/report.json``."""
-    from vqgen.eval.grid import save_grid
     from vqgen.eval.scene import adherence
+    from vqgen.images import save_grid
     from vqgen.sampling.pipeline import Pipeline
     from vqgen.train.tokenizer import train_tokenizer
     from vqgen.train.transformer import train_transformer
@@ -172,7 +173,7 @@ def run_demo(cfg: Config, out: Path) -> dict:
             generated[name] = (prompts, images)
             report["adherence"][name] = adherence(images, prompts)
             print(f"{name:>8}: exact {report['adherence'][name]['exact']:.1%} over {len(prompts)} prompts")
-        report["sampling"] = pipeline.settings(num_images=1)
+        report["sampling"] = dataclasses.asdict(pipeline.settings(num_images=1))
         if "heldout" in report["adherence"]:
             report["heldout"] = heldout_limit(cfg, pipeline.tokenizer, report["adherence"]["heldout"]["exact"])
             print(report["heldout"]["verdict"])

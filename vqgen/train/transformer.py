@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from vqgen.checkpoint import atomic_write_text, substate, training_state
 from vqgen.config import Config, ConfigError
 from vqgen.data.codes import CodeShards, encode_dataset
-from vqgen.eval.grid import grid_image
+from vqgen.images import grid_image
 from vqgen.model import Transformer
 from vqgen.sampling import generate, sampling_options
 from vqgen.text import EmbeddingCache, TextEncoder

@@ -1,4 +1,5 @@
-"""Captioned image grids for samples and reconstructions."""
+"""Tensors to PIL images, and captioned image grids: one home below the training previews,
+sampling and evaluation, which all write images."""
 
 from __future__ import annotations
 
