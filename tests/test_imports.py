@@ -17,7 +17,7 @@ VQGEN = Path(__file__).resolve().parents[1] / "vqgen"
 # The floors, bottom first. A module may import from its own floor and the floors below it,
 # never from a floor above. Within a floor any direction is allowed, but no cycle.
 FLOORS: list[tuple[str, ...]] = [
-    ("vqgen", "vqgen.config", "vqgen.checkpoint", "vqgen.progress", "vqgen.images"),  # the root, typed config, checkpoint files, progress, image grids
+    ("vqgen", "vqgen.files", "vqgen.config", "vqgen.checkpoint", "vqgen.progress", "vqgen.images"),  # the root, atomic files, typed config, checkpoints, progress, image grids
     ("vqgen.data", "vqgen.text", "vqgen.tokenizer"),  # images, captions, codes
     ("vqgen.model",),  # the transformer
     ("vqgen.sampling",),  # prompts -> codes

@@ -3,19 +3,15 @@ training checkpoints of a run (``<out_dir>/checkpoints/step_XXXXXXXX/``), read h
 Accelerate, so that evaluation reads them without the training code (``vqgen.train``
 writes them).
 
-Every file is written to a temporary name and renamed into place, so a crash mid-write
-never leaves a half-written checkpoint behind. Loading never unpickles anything: weights are
+Every file is written atomically (``vqgen.files``), so a crash mid-write never leaves a
+half-written checkpoint behind. Loading never unpickles anything: weights are
 safetensors, configs are JSON, and a mismatch between the two names the offending keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -24,44 +20,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vqgen.config import ConfigError, from_dict, unknown_key
+from vqgen.files import atomic_write, atomic_write_text
 
 T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, or made for a different model."""
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(Path(path), write)
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """The hex digest of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

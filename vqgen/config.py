@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import yaml
 
+from vqgen.files import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be applied; the message names the key."""
@@ -349,8 +351,6 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as JSON, atomically."""
-        from vqgen.checkpoint import atomic_write_text  # here: vqgen.checkpoint loads torch, the config CLI does not
-
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
 

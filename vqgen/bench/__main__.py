@@ -22,7 +22,7 @@ from pathlib import Path
 
 from vqgen.bench import gpu, speculative
 from vqgen.bench.sampling import DTYPES, FULL_RECOMPUTE_PREFIX, HF_CACHES, BenchSpec, format_table, run_sampling_bench
-from vqgen.checkpoint import atomic_write_text
+from vqgen.files import atomic_write_text
 from vqgen.model import SIZES
 from vqgen.sampling.quantize import MODES as QUANTIZE_MODES
 

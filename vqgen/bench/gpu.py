@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 from vqgen.bench.sampling import DTYPES, TEXT_DIM, BenchSpec, device_name, run_sampling_bench, vqgen_model
-from vqgen.checkpoint import atomic_write_text
+from vqgen.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout holding this package (its tests/ and configs/)
 # what every section imports; missing ones stop the check before it starts

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from vqgen.bench.sampling import device_name
-from vqgen.checkpoint import atomic_write_text
+from vqgen.files import atomic_write_text
 from vqgen.data.prompts import read_prompt_sets
 from vqgen.eval.scene import adherence
 from vqgen.sampling import generate, sampling_options

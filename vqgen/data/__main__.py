@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 
-from vqgen.checkpoint import atomic_write_text
+from vqgen.files import atomic_write_text
 from vqgen.data import codes, photos
 from vqgen.data.shapes import ShapesDataset, render_scene
 from vqgen.progress import progress_bar

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vqgen.checkpoint import atomic_write, atomic_write_text, file_digest
+from vqgen.files import atomic_write, atomic_write_text, file_digest
 from vqgen.config import ConfigError, DataConfig, load_config
 from vqgen.data.loaders import (
     ShardSamples,

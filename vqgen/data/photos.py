@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vqgen.checkpoint import atomic_write_text
+from vqgen.files import atomic_write_text
 
 # name -> (subject for captions, split); scikit-image's colour photographs that ship in its wheel
 PHOTOS: dict[str, tuple[str, str]] = {

@@ -28,7 +28,8 @@ from typing import NamedTuple
 
 from PIL import Image
 
-from vqgen.checkpoint import CheckpointError, atomic_write_text
+from vqgen.checkpoint import CheckpointError
+from vqgen.files import atomic_write_text
 from vqgen.data.prompts import read_prompts
 from vqgen.eval import tokenizer as tokenizer_cli
 from vqgen.eval.clip_score import DEFAULT_CLIP, clip_score_folder, load_clip

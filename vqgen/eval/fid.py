@@ -35,7 +35,7 @@ from einops import rearrange
 from PIL import Image
 from torch import nn
 
-from vqgen.checkpoint import file_digest
+from vqgen.files import file_digest
 from vqgen.data.shapes import Scene, render_scene
 from vqgen.eval.scene import parse_caption
 from vqgen.images import to_pil

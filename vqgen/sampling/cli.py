@@ -36,7 +36,8 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from PIL import Image
 
-from vqgen.checkpoint import CheckpointError, atomic_write_text
+from vqgen.checkpoint import CheckpointError
+from vqgen.files import atomic_write_text
 from vqgen.config import SETTINGS, ConfigError, SamplingSettings
 from vqgen.images import save_grid
 from vqgen.progress import progress_bar

@@ -28,7 +28,6 @@ from vqgen.checkpoint import (
     CHECKPOINTS,
     EMA_FILE,
     TRAINER_STATE,
-    atomic_write_text,
     ema_shard_file,
     latest_checkpoint,
     load_weights,
@@ -38,6 +37,7 @@ from vqgen.checkpoint import (
     step_dir,
 )
 from vqgen.config import Config, check_resume
+from vqgen.files import atomic_write_text
 from vqgen.train import TrainingError
 from vqgen.train.backends import layout
 from vqgen.train.ema import EMA

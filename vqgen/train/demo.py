@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vqgen.checkpoint import atomic_write_text
+from vqgen.files import atomic_write_text
 from vqgen.config import Config, ConfigError
 
 if TYPE_CHECKING:

@@ -27,7 +27,8 @@ from einops import rearrange
 from PIL import Image
 from torch import nn
 
-from vqgen.checkpoint import atomic_write_text, substate, training_state
+from vqgen.checkpoint import substate, training_state
+from vqgen.files import atomic_write_text
 from vqgen.config import Config, TokenizerTrainConfig
 from vqgen.data.loaders import WebDatasetSamples, build_dataset, has_heldout
 from vqgen.data.shapes import ShapesDataset

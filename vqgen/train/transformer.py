@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from vqgen.checkpoint import atomic_write_text, substate, training_state
+from vqgen.checkpoint import substate, training_state
+from vqgen.files import atomic_write_text
 from vqgen.config import Config, ConfigError
 from vqgen.data.codes import CodeShards, encode_dataset
 from vqgen.images import grid_image
