@@ -21,7 +21,7 @@ SHAPES = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """An untrained micro run of the demo's config: tokenizer + transformer."""
-    from vqgen.model import Transformer, TransformerConfig
+    from vqgen.model import Transformer
     from vqgen.tokenizer import VQTokenizer
 
     run = tmp_path_factory.mktemp("run")
@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
     tokenizer.save_pretrained(run / "tokenizer")
-    model = Transformer(TransformerConfig.from_model_config(cfg.model, tokenizer.codebook_size, tokenizer.grid, 384))
+    model = Transformer(cfg.model.complete(tokenizer.codebook_size, tokenizer.grid, 384))
     model.save_pretrained(run / "transformer", extra_config={"tokenizer": str(run / "tokenizer"), "run": cfg.to_dict()})
     (run / "prompts").mkdir()
     for name, prompts in evaluation_prompts(cfg, set(), num=3).items():  # as the demo writes its evaluation sets

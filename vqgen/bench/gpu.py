@@ -304,7 +304,7 @@ def train_steps(config: Path, overrides: list[str], opts: Options, rec: Recorder
     ``vqgen.train.loop.fit`` on random batches; record loss, throughput and peak memory."""
     from vqgen.checkpoint import substate
     from vqgen.config import load_config
-    from vqgen.model import Transformer, TransformerConfig
+    from vqgen.model import Transformer
     from vqgen.train.loop import Task, fit, setup_accelerator
     from vqgen.train.optim import OptimizerSpec, param_groups
     from vqgen.train.transformer import NextCodeLoss
@@ -323,8 +323,8 @@ def train_steps(config: Path, overrides: list[str], opts: Options, rec: Recorder
     vocab = math.prod(t.fsq_levels) if t.quantizer == "fsq" else t.codebook_size
     with tempfile.TemporaryDirectory() as out:
         accelerator = setup_accelerator(train_cfg, Path(out))
-        transformer = Transformer(TransformerConfig.from_model_config(cfg.model, vocab, grid, TEXT_DIM))
-        rec.put("model", {"size": cfg.model.size, "params": transformer.num_params(), "grid": list(grid), "vocab": vocab,
+        transformer = Transformer(cfg.model.complete(vocab, grid, TEXT_DIM))
+        rec.put("model", {"dim": cfg.model.dim, "depth": cfg.model.depth, "params": transformer.num_params(), "grid": list(grid), "vocab": vocab,
                           "batch_size": train_cfg.batch_size, "precision": accelerator.mixed_precision})
         task = Task(
             kind="transformer",
@@ -618,7 +618,7 @@ def headline(name: str, values: dict[str, Any]) -> str:
         return "; ".join(parts)
     if name.startswith("train") and "tokens_per_s" in v:
         m, loss = v["model"], v["loss"]
-        return (f"{m['size']} {m['params'] / 1e6:.1f}M, batch {m['batch_size']}, {m['precision']}: loss "
+        return (f"dim {m['dim']}, depth {m['depth']}, {m['params'] / 1e6:.1f}M, batch {m['batch_size']}, {m['precision']}: loss "
                 f"{loss['first_half']:.3f} -> {loss['second_half']:.3f} (ln V {loss['uniform']:.3f}), "
                 f"{v['tokens_per_s']:,.0f} tokens/s, peak {v['memory']['peak_memory_bytes'] / 2**30:.2f} GiB")
     if name.startswith("decode"):
