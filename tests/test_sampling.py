@@ -417,7 +417,7 @@ def test_caches_are_made_once_per_shape_and_freed_with_the_model():
     text, mask = prompts()
     generate(model, text, mask, cfg_scale=2.0, seeds=0)
     cache = model.kv_cache  # 3 prompts x 2 streams, 12 slots, 5 tokens + null -> 8
-    assert cache.shape == (6, N, 8, torch.float32, torch.device("cpu"))
+    assert cache.layout == (6, N, 8, torch.float32, torch.device("cpu"))
     k = cache.layers[0].k.data_ptr()
     generate(model, text[:, :3], mask[:, :3], cfg_scale=2.0, seeds=1)  # other prompts, same shape
     assert model.setup_caches(6, N, 8, torch.float32) is cache and cache.layers[0].k.data_ptr() == k

@@ -72,7 +72,7 @@ class KVCache(nn.Module):
         self.register_buffer("slots", torch.arange(length, device=device), persistent=False)  # [T]
 
     @property
-    def shape(self) -> tuple[int, int, int, torch.dtype, torch.device]:
+    def layout(self) -> tuple[int, int, int, torch.dtype, torch.device]:
         """(rows, length, text_len, dtype, device): what ``Transformer.setup_caches`` reuses it for."""
         return self.rows, self.length, self.text_len, self.layers[0].k.dtype, self.slots.device
 

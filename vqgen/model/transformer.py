@@ -432,8 +432,8 @@ class Transformer(nn.Module):
         all its slots. The model keeps the cache of its last shape and hands it out again while
         the shape is unchanged, so a compiled step against it is recorded once."""
         dtype = dtype or self.bos.dtype
-        shape = (rows, length, text_len, dtype, self.bos.device)
-        if self.kv_cache is None or self.kv_cache.shape != shape:
+        layout = (rows, length, text_len, dtype, self.bos.device)
+        if self.kv_cache is None or self.kv_cache.layout != layout:
             self.kv_cache = None  # the old cache's memory goes before the new one's is taken
             self.kv_cache = KVCache(self.cfg, rows, length, text_len, dtype, self.bos.device)
         self.kv_cache.narrow(length)
