@@ -441,8 +441,8 @@ class Transformer(nn.Module):
 
     def write_text(self, cache: KVCache, rows: Tensor, context: Context) -> None:
         """Write each block's cross-attention keys/values of ``context`` (tokens [R, L, D], mask
-        [R, 1, 1, L], from ``context``) into rows [R] of ``cache``, the text padded to its slots
-        and masked out there."""
+        [R, 1, 1, L]) into rows [R] of ``cache``; the text is padded to the cache's text slots,
+        masked out there."""
         tokens, mask = context.tokens, context.mask
         R, L = tokens.shape[:2]
         if rows.shape != (R,) or L > cache.text_len:
