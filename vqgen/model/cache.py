@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from einops import rearrange, repeat
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
@@ -46,7 +45,7 @@ class LayerKV(nn.Module):
         """Write k, v [A, Hkv, n, Dh] of rows [0, A) at their slots input_pos [A, n]; return those
         rows' keys and values [A, Hkv, span, Dh] (the mask hides the slots not yet written)."""
         keys, values = self.k[: k.shape[0]], self.v[: k.shape[0]]
-        index = repeat(input_pos, "a n -> a h n d", h=k.shape[1], d=k.shape[3])
+        index = input_pos[:, None, :, None].expand_as(k)  # [A, Hkv, n, Dh]: row a's slots input_pos[a]
         keys.scatter_(2, index, k.to(keys.dtype))
         values.scatter_(2, index, v.to(values.dtype))
         return keys[:, :, : self.span], values[:, :, : self.span]
@@ -82,7 +81,7 @@ class KVCache(nn.Module):
 
     def mask(self, input_pos: Tensor) -> Tensor:
         """input_pos [A, n] -> the attention mask [A, 1, n, span]: a query sees the slots up to its own."""
-        return self.slots[: self.span] <= rearrange(input_pos, "a n -> a 1 n 1")
+        return self.slots[: self.span] <= input_pos[:, None, :, None]
 
     def narrow(self, span: int) -> None:
         """Attend over slots [0, span) only: eagerly, a step then reads only the slots in use. A

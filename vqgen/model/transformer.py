@@ -170,9 +170,7 @@ def rope_tables(grid: tuple[int, int], head_dim: int, base: float = 10000.0) -> 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate consecutive pairs of x [B, H, n, Dh] by the angles of cos/sin [n, Dh/2] (the same
-    positions in every row) or [B, n, Dh/2] (each row its own)."""
-    if cos.ndim == 3:
-        cos, sin = rearrange(cos, "b n d -> b 1 n d"), rearrange(sin, "b n d -> b 1 n d")
+    positions in every row) or [B, 1, n, Dh/2] (each row its own)."""
     pairs = rearrange(x.float(), "... (d two) -> ... d two", two=2)
     x1, x2 = pairs.unbind(-1)  # [B, H, n, Dh/2]
     rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -473,7 +471,7 @@ class Transformer(nn.Module):
         cells = input_pos.clamp(max=self.cfg.seq_len - 1)
         x = torch.where((input_pos == 0)[..., None], self.bos, self.tok_emb(codes))  # [S, n, D]; static shapes: no branch
         x = self._at(x, cells)
-        rope = self.rope_cos[cells], self.rope_sin[cells]  # [S, n, Dh/2]
+        rope = self.rope_cos[cells][:, None], self.rope_sin[cells][:, None]  # [S, 1, n, Dh/2]: each row its own
         mask = cache.mask(input_pos)  # [S, 1, n, T]
         for block, layer in zip(self.blocks, cache.layers):
             x = block(x, rope, TextKV(*layer.text(S)), mask, layer, input_pos)
