@@ -348,6 +348,8 @@ def test_a_constant_image_takes_one_window_from_the_start_guess():
     with torch.no_grad():  # an in-place change of the weights is seen: the guess follows
         model.head.bias[3] = 90.0
     assert start_guess(model) == 3
+    codes, forwards = generate(model, text, mask, num_images=2, speculative=N, cfg_scale=1.0, return_forwards=True)
+    assert (codes == 3).all() and (forwards == 1).all()  # the guess kept with the cache followed too
 
 
 def test_speculative_argument_errors():
