@@ -139,7 +139,10 @@ def generate(
         context = model.context(text, text_mask, drop)
         rows = torch.arange(len(drop), device=device)
         dtype = cache_dtype or (torch.float32 if device.type == "cpu" else model.bos.dtype)
-        text_len = text_bucket(context.tokens.shape[1], model.cfg.max_text_len + 1)
+        # the text padded to a bucket lets a compiled step serve prompts of other lengths; the
+        # baseline recomputes everything each step, so it gets its text unpadded
+        L = context.tokens.shape[1]
+        text_len = text_bucket(L, model.cfg.max_text_len + 1) if use_cache else L
         cache = model.setup_caches(len(rows), N + window, text_len, dtype)
         model.write_text(cache, rows, context)
         forwards = torch.full((B,), N, dtype=torch.long)
