@@ -4,17 +4,17 @@ from torch import Tensor
 
 from vqgen.config import SamplingConfig
 from vqgen.model import Transformer, TransformerConfig
+from vqgen.model import KVCache
 from vqgen.sampling import (
     draw_uniforms,
     generate,
     guidance_scales,
-    decoder_for,
     inverse_cdf,
     sample_logits,
     sampling_options,
+    start_guess,
     top_p_mask,
 )
-from vqgen.sampling.speculative import start_guess
 
 V, GRID, TEXT_DIM = 40, (3, 4), 16
 N = GRID[0] * GRID[1]
@@ -52,11 +52,15 @@ def reference_sample(model, text, mask, seeds, cfg_scale=1.0, greedy=False):
     return codes.view(-1, *GRID)
 
 
-def loaded_decoder(model, text, mask, length=N, dtype=torch.float32):
-    context = model.context(text, mask)
-    decoder = decoder_for(model, len(text), length, 8, dtype)
-    decoder.load(model, context)
-    return decoder
+def loaded_cache(model, text, mask, length=N, dtype=torch.float32) -> KVCache:
+    cache = model.setup_caches(len(text), length, 8, dtype)
+    model.write_text(cache, torch.arange(len(text), device=text.device), model.context(text, mask))
+    return cache
+
+
+def at(start: int, stop: int, rows: int = 3, device: torch.device | str = "cpu") -> Tensor:
+    """input_pos [rows, stop - start]: the same positions in every row."""
+    return torch.arange(start, stop, device=device).expand(rows, -1)
 
 
 def on(device, *tensors):
@@ -70,34 +74,37 @@ def inputs_before(codes):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-@pytest.mark.parametrize("static", [False, True], ids=["filled-prefix", "static-masked"])
-def test_cached_steps_match_the_full_forward(kv_heads, static, device):
+@pytest.mark.parametrize("narrow", [True, False], ids=["filled-prefix", "whole-masked"])
+def test_cached_steps_match_the_full_forward(kv_heads, narrow, device):
     model = small_model(kv_heads).to(device)
     text, mask = on(device, *prompts())
     codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
         full = model(codes, text, mask)  # [B, N, V]
-        decoder = loaded_decoder(model, text, mask)
+        cache = loaded_cache(model, text, mask)
         before = inputs_before(codes)
         for t in range(N):
-            pos = torch.tensor([t], device=device) if static else t
-            step = model.decode_step(before[:, t : t + 1], pos, decoder.layers)  # [B, 1, V]
+            if narrow:
+                cache.narrow(t + 1)
+            step = model.decode_step(before[:, t : t + 1], at(t, t + 1, device=device), cache)  # [B, 1, V]
             torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["int", "shared", "per-row"])
-def test_cached_prefill_of_a_prefix_matches_the_full_forward(form):
+@pytest.mark.parametrize("narrow", [True, False], ids=["filled-prefix", "whole-masked"])
+def test_cached_prefill_of_a_prefix_matches_the_full_forward(narrow):
     model = small_model(kv_heads=2)
     text, mask = prompts()
     codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
     before = inputs_before(codes)
-    positions = {"int": lambda a, b: a, "shared": lambda a, b: torch.arange(a, b),
-                 "per-row": lambda a, b: torch.arange(a, b).expand(3, -1)}[form]
     with torch.no_grad():
         full = model(codes, text, mask)
-        decoder = loaded_decoder(model, text, mask)
-        first = model.decode_step(before[:, :5], positions(0, 5), decoder.layers)
-        rest = model.decode_step(before[:, 5:7], positions(5, 7), decoder.layers)
+        cache = loaded_cache(model, text, mask)
+        if narrow:
+            cache.narrow(5)
+        first = model.decode_step(before[:, :5], at(0, 5), cache)
+        if narrow:
+            cache.narrow(7)
+        rest = model.decode_step(before[:, 5:7], at(5, 7), cache)
     torch.testing.assert_close(torch.cat([first, rest], 1), full[:, :7], rtol=1e-5, atol=1e-5)
 
 
@@ -111,14 +118,14 @@ def test_rows_at_different_positions_and_rewritten_windows_match_the_full_forwar
     W = 4
     with torch.no_grad():
         full = model(codes, text, mask)
-        decoder = loaded_decoder(model, text, mask, length=N + W)
+        cache = loaded_cache(model, text, mask, length=N + W)
         noise = torch.randint(0, V, (3, W), generator=torch.Generator().manual_seed(3))
         # each row's earlier positions hold its true keys, as after accepted drafts
         for starts in ([0, 0, 0], [2, 4, 1], [5, 8, 3], [6, N - 2, 5]):
             pos = torch.tensor(starts)[:, None] + torch.arange(W)  # [3, W], may run past N - 1
-            model.decode_step(noise, pos, decoder.layers)  # rejected drafts: stale keys the next window overwrites
+            model.decode_step(noise, pos, cache)  # rejected drafts: stale keys the next window overwrites
             window = before.gather(1, pos.clamp(max=N - 1))
-            logits = model.decode_step(window, pos, decoder.layers)  # [3, W, V]
+            logits = model.decode_step(window, pos, cache)  # [3, W, V]
             inside = pos < N
             torch.testing.assert_close(logits[inside], full.gather(1, pos.clamp(max=N - 1)[..., None].expand(-1, -1, V))[inside],
                                        rtol=1e-5, atol=1e-5)
@@ -351,6 +358,8 @@ def test_a_constant_image_takes_one_window_from_the_start_guess():
     with torch.no_grad():  # an in-place change of the weights is seen: the guess follows
         model.head.bias[3] = 90.0
     assert start_guess(model) == 3
+    codes, forwards = generate(model, text, mask, num_images=2, speculative=N, cfg_scale=1.0, return_forwards=True)
+    assert (codes == 3).all() and (forwards == 1).all()  # the guess kept with the cache followed too
 
 
 def test_speculative_argument_errors():
@@ -370,9 +379,9 @@ def test_half_precision_cache_keeps_the_logits(device):
     codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
         full = model(codes, text, mask)
-        decoder = loaded_decoder(model, text, mask, dtype=torch.bfloat16)
-        logits = model.decode_step(inputs_before(codes), torch.arange(N, device=device), decoder.layers)
-    assert decoder.layers[0].k.dtype == torch.bfloat16 and logits.dtype == torch.float32  # fp32 math over a bf16 cache
+        cache = loaded_cache(model, text, mask, dtype=torch.bfloat16)
+        logits = model.decode_step(inputs_before(codes), at(0, N, device=device), cache)
+    assert cache.layers[0].k.dtype == torch.bfloat16 and logits.dtype == torch.float32  # fp32 math over a bf16 cache
     torch.testing.assert_close(logits, full, rtol=0, atol=0.02)  # bf16 keys: 8 bits of mantissa (measured 0.005)
     assert not torch.equal(logits, full)
     codes = generate(model, text, mask, cfg_scale=2.0, seeds=1, cache_dtype=torch.bfloat16)
@@ -412,19 +421,109 @@ def test_compiled_decode_is_recorded_once_across_prompts(window, monkeypatch):
         torch._dynamo.reset()
 
 
-def test_decoders_are_made_once_per_shape_and_freed_with_the_model():
+def test_caches_are_made_once_per_shape_and_freed_with_the_model():
     import gc
     import weakref
 
     model = small_model()
     text, mask = prompts()
     generate(model, text, mask, cfg_scale=2.0, seeds=0)
-    decoder = decoder_for(model, 6, N, 8, torch.float32)  # 3 prompts x 2 streams, 12 slots, 5 tokens + null -> 8
-    k = decoder.layers[0].k.data_ptr()
+    cache = model.kv_cache  # 3 prompts x 2 streams, 12 slots, 5 tokens + null -> 8
+    assert cache.layout == (6, N, 8, torch.float32, torch.device("cpu"))
+    k = cache.layers[0].k.data_ptr()
     generate(model, text[:, :3], mask[:, :3], cfg_scale=2.0, seeds=1)  # other prompts, same shape
-    assert decoder_for(model, 6, N, 8, torch.float32) is decoder and decoder.layers[0].k.data_ptr() == k
-    assert decoder_for(model, 2, N, 8, torch.float32) is not decoder
-    ref = weakref.ref(decoder)
-    del model, decoder
+    assert model.setup_caches(6, N, 8, torch.float32) is cache and cache.layers[0].k.data_ptr() == k
+    assert model.setup_caches(2, N, 8, torch.float32) is not cache
+    assert "kv_cache" not in "".join(model.state_dict())  # sampling state, never saved with the weights
+    ref = weakref.ref(model.kv_cache)
+    del model, cache
     gc.collect()
     assert ref() is None
+
+
+# --------------------------------------------------------------------------------------
+# The decode contract: rows at their own positions, filled, freed and refilled between steps
+# --------------------------------------------------------------------------------------
+
+
+def decode_alone(model, text, mask, before, length=N) -> Tensor:
+    """Logits [N, V] of one prompt decoded by itself, one position per step, in a fresh cache."""
+    cache = KVCache(model.cfg, 1, length, 8, torch.float32, "cpu")
+    model.write_text(cache, torch.zeros(1, dtype=torch.long), model.context(text, mask))
+    return torch.cat([model.decode_step(before[None, t : t + 1], torch.tensor([[t]]), cache)[0] for t in range(N)])
+
+
+@torch.no_grad()
+def test_rows_at_their_own_positions_match_each_row_decoded_alone():
+    """Three prompts in one cache, started at different steps (row r joins at step 2r), each
+    step a window of up to two positions per row: every row's logits equal that prompt's alone."""
+    model = small_model(kv_heads=2)
+    text, mask = prompts()
+    codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
+    before = inputs_before(codes)
+    alone = torch.stack([decode_alone(model, text[r : r + 1], mask[r : r + 1], before[r]) for r in range(3)])
+    cache = KVCache(model.cfg, 3, N + 4, 8, torch.float32, "cpu")  # the first row runs on, past the grid
+    model.write_text(cache, torch.tensor([1, 2, 0]), model.context(text, mask))  # prompt p into row [1, 2, 0][p]
+    order = [2, 0, 1]  # the prompt in each row
+    got = torch.zeros(3, N, V)
+    start = torch.tensor([0, -2, -4])  # row r's first position, at step 0
+    for step in range(N // 2 + 2):
+        pos = (start + 2 * step)[:, None] + torch.arange(2)  # [3, 2]: rows not yet started sit at 0
+        inputs = before[order].gather(1, pos.clamp(0, N - 1))
+        logits = model.decode_step(inputs, pos.clamp(min=0), cache)
+        for r in range(3):
+            for j in range(2):
+                p = int(pos[r, j])
+                if 0 <= p < N:
+                    got[r, p] = logits[r, j]
+    torch.testing.assert_close(got, alone[order], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_freed_and_refilled_row_gives_the_fresh_rows_result():
+    """Row 1 decodes prompt 1 halfway, then takes prompt 2 from position 0 while row 0 goes on:
+    both rows give exactly what a fresh cache gives (the stale keys never show)."""
+    model = small_model(kv_heads=2)
+    text, mask = prompts()
+    codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
+    before = inputs_before(codes)
+    cache = KVCache(model.cfg, 2, N, 8, torch.float32, "cpu")
+    model.write_text(cache, torch.arange(2), model.context(text[:2], mask[:2]))
+    half = N // 2
+    first = [model.decode_step(before[:2, t : t + 1], torch.tensor([[t], [t]]), cache) for t in range(half)]
+    model.write_text(cache, torch.tensor([1]), model.context(text[2:], mask[2:]))  # row 1 freed, refilled
+    rest = [model.decode_step(torch.stack([before[0, half + t], before[2, t]])[:, None], torch.tensor([[half + t], [t]]), cache)
+            for t in range(half)]
+    row0 = torch.cat([s[0] for s in first] + [s[0] for s in rest])  # [N, V]
+    refilled = torch.cat([s[1] for s in rest])  # [half, V]
+    torch.testing.assert_close(row0, decode_alone(model, text[:1], mask[:1], before[0]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(refilled, decode_alone(model, text[2:], mask[2:], before[2])[:half], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_keep_moves_rows_and_a_step_runs_the_first_rows():
+    """After ``keep`` the rows kept continue, in their new order, from where they were."""
+    model = small_model(kv_heads=2)
+    text, mask = prompts()
+    codes = torch.randint(0, V, (3, N), generator=torch.Generator().manual_seed(2))
+    before = inputs_before(codes)
+    full = model(codes, text, mask)
+    cache = loaded_cache(model, text, mask)
+    model.decode_step(before[:, :4], at(0, 4), cache)
+    cache.keep(torch.tensor([2, 0]))
+    logits = model.decode_step(before[[2, 0], 4:6], at(4, 6, rows=2), cache)  # rows [0, 2) only
+    torch.testing.assert_close(logits, full[[2, 0], 4:6], rtol=1e-5, atol=1e-5)
+
+
+def test_the_contract_names_bad_shapes():
+    model = small_model()
+    text, mask = prompts()
+    cache = KVCache(model.cfg, 2, N, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"codes \(3, 1\) and input_pos \(3, 1\) must both be \[S, n\] with S <= 2 cache rows"):
+        model.decode_step(torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match=r"codes \(2, 1\) and input_pos \(2,\) must both be"):
+        model.decode_step(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match=r"a context of 3 rows x 6 text tokens does not fit rows of shape \(2,\)"):
+        model.write_text(cache, torch.arange(2), model.context(text, mask))
+    with pytest.raises(ValueError, match=r"a cache of 12 slots cannot attend over 13"):
+        cache.narrow(N + 1)

@@ -1,4 +1,5 @@
-"""The text-conditioned transformer over image codes (see ``transformer.py``).
+"""The text-conditioned transformer over image codes (see ``transformer.py``) and its decode
+cache (``cache.py``).
 
 Its architecture, ``TransformerConfig``, and the named sizes ``SIZES`` are declared in
 ``vqgen.config`` beside the run config whose ``model:`` section is one; they are exported here
@@ -6,6 +7,5 @@ with the model they build.
 """
 
 from vqgen.config import SIZES, TransformerConfig
-from vqgen.model.transformer import Context, LayerCache, Transformer, apply_rope, rope_tables
-
-__all__ = ["SIZES", "Context", "LayerCache", "Transformer", "TransformerConfig", "apply_rope", "rope_tables"]
+from vqgen.model.cache import KVCache, LayerKV
+from vqgen.model.transformer import Context, TextKV, Transformer, apply_rope, rope_tables

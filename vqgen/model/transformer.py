@@ -16,12 +16,13 @@ sequence always begins with a learned null token; dropping a caption (classifier
 guidance) masks out every other text token, so a dropped or empty caption attends to the
 null token alone and never produces NaN.
 
-Sampling runs the model through one entry, ``Transformer.decode_step``, against a
-key/value cache owned by the sampler (``vqgen.sampling``); the model asks of each layer's cache
-only what ``LayerCache`` states: store new self-attention keys/values and hand back what to
-attend over, and hold the cross-attention keys/values of the prompt's text. Attention against a
-cache runs in the wider of the model's and the cache's dtype, so a half-precision cache can
-feed fp32 attention math.
+Sampling meets the model at one contract, on gpt-fast's pattern: ``setup_caches`` allocates a
+``KVCache`` of S rows (``cache.py``), ``write_text`` writes a prompt's cross-attention
+keys/values into chosen rows, and ``decode_step`` runs codes [S, n] at positions
+``input_pos`` [S, n], each row at its own positions, under the mask ``slots <= input_pos``.
+Plain decoding (n = 1), speculative windows (n = W) and a full recompute (n = t + 1) are the
+same step. Attention against a cache runs in the wider of the model's and the cache's dtype,
+so a half-precision cache can feed fp32 attention math.
 
 The architecture is one ``TransformerConfig`` (``vqgen.config``, beside the named sizes
 ``SIZES``); a checkpoint's ``config.json`` holds it under ``"transformer"``.
@@ -31,9 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from vqgen.checkpoint import load_architecture, load_config_json, load_state_into, load_weights, save_pretrained
 from vqgen.config import ConfigError, TransformerConfig
+from vqgen.model.cache import KVCache, LayerKV
 
 KIND = "transformer"
 
@@ -68,9 +69,7 @@ def rope_tables(grid: tuple[int, int], head_dim: int, base: float = 10000.0) -> 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate consecutive pairs of x [B, H, n, Dh] by the angles of cos/sin [n, Dh/2] (the same
-    positions in every row) or [B, n, Dh/2] (each row its own)."""
-    if cos.ndim == 3:
-        cos, sin = rearrange(cos, "b n d -> b 1 n d"), rearrange(sin, "b n d -> b 1 n d")
+    positions in every row) or [B, 1, n, Dh/2] (each row its own)."""
     pairs = rearrange(x.float(), "... (d two) -> ... d two", two=2)
     x1, x2 = pairs.unbind(-1)  # [B, H, n, Dh/2]
     rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -89,25 +88,12 @@ class Context(NamedTuple):
     mask: Tensor
 
 
-class LayerCache(Protocol):
-    """What one block's attention needs of a sampler's cache.
+class TextKV(NamedTuple):
+    """What cross-attention reads: the text's keys, values [B, Hkv, L, Dh] and mask [B, 1, 1, L]."""
 
-    Positions ``pos`` come in three forms: an int (n consecutive positions from there, the same
-    for every row), a LongTensor [n] (the same for every row) or a LongTensor [S, n] (each row
-    its own positions, e.g. speculative windows of images that advanced by different counts).
-    """
-
-    def update(self, pos: int | Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Store self-attention keys/values k, v [S, Hkv, n, Dh] at ``pos``; return the keys and
-        values to attend over [S, Hkv, T, Dh] and a bool mask (True = attend) broadcastable to
-        [S, H, n, T], or None when every returned key is visible to every query."""
-        ...
-
-    @property
-    def context(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Cross-attention keys, values [S, Hkv, L, Dh] of the prompt's text (computed once per
-        prompt with ``CrossAttention.context_kv``) and its mask [S, 1, 1, L] (True = attend)."""
-        ...
+    k: Tensor
+    v: Tensor
+    mask: Tensor
 
 
 def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -127,20 +113,24 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, pos: int | Tensor, rope: tuple[Tensor, Tensor], cache: LayerCache | None = None) -> Tensor:
-        """x [B, n, D] at positions ``pos`` -> [B, n, D]; causal over the cache and x."""
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None = None, cache: LayerKV | None = None,
+        input_pos: Tensor | None = None,
+    ) -> Tensor:
+        """x [B, n, D] -> [B, n, D]. Without a cache, x is a whole prefix and attention is causal;
+        with one, x's keys go into the cache at input_pos [B, n] and queries attend over the
+        cache's slots under ``mask`` [B, 1, n, T]."""
         q, k, v = self.qkv(x).split([self.heads * self.head_dim, *2 * [self.kv_heads * self.head_dim]], dim=-1)
         q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)  # [B, H, n, Dh]
         k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.kv_heads) for t in (k, v))  # [B, Hkv, n, Dh]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        gqa = self.kv_heads != self.heads
-        dropout = self.dropout if self.training else 0.0
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
-        else:
-            k, v, mask = cache.update(pos, k, v)
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)  # [B, Hkv, T, Dh]
             q, k, v = _common_dtype(q, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, enable_gqa=self.kv_heads != self.heads
+        )
         return self.proj(rearrange(y.to(x.dtype), "b h n d -> b n (h d)"))
 
 
@@ -153,22 +143,18 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
-    def context_kv(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """Text tokens [B, S, D] -> keys, values [B, Hkv, S, Dh]; a sampler computes them once per prompt."""
-        k, v = rearrange(self.kv(tokens), "b s (two h d) -> two b h s d", two=2, h=self.kv_heads)
-        return k, v
+    def text_kv(self, context: Context) -> TextKV:
+        """Projected text [B, L, D] -> this block's keys, values [B, Hkv, L, Dh] and the text mask."""
+        k, v = rearrange(self.kv(context.tokens), "b s (two h d) -> two b h s d", two=2, h=self.kv_heads)
+        return TextKV(k, v, context.mask)
 
-    def forward(self, x: Tensor, context: Context | None, cache: LayerCache | None = None) -> Tensor:
-        """x [B, n, D] attends to the text in ``context`` (or the cache's precomputed keys) -> [B, n, D]."""
+    def forward(self, x: Tensor, text: TextKV) -> Tensor:
+        """x [B, n, D] attends to the text's keys and values -> [B, n, D]."""
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)  # [B, H, n, Dh]
-        if cache is None:
-            (k, v), mask = self.context_kv(context.tokens), context.mask
-        else:
-            k, v, mask = cache.context
-            q, k, v = _common_dtype(q, k, v)
+        q, k, v = _common_dtype(q, text.k, text.v)
         dropout = self.dropout if self.training else 0.0
         gqa = self.kv_heads != self.heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=text.mask, dropout_p=dropout, enable_gqa=gqa)
         return self.proj(rearrange(y.to(x.dtype), "b h n d -> b n (h d)"))
 
 
@@ -217,11 +203,13 @@ class Block(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(
-        self, x: Tensor, pos: int | Tensor, rope: tuple[Tensor, Tensor], context: Context | None, cache: LayerCache | None = None
+        self, x: Tensor, rope: tuple[Tensor, Tensor], text: TextKV, mask: Tensor | None = None,
+        cache: LayerKV | None = None, input_pos: Tensor | None = None,
     ) -> Tensor:
+        """x [B, n, D] -> [B, n, D]; ``SelfAttention`` says what mask, cache and input_pos do."""
         p = self.dropout if self.training else 0.0
-        x = x + F.dropout(self.attn(self.norm1(x), pos, rope, cache), p)
-        x = x + F.dropout(self.cross(self.norm2(x), context, cache), p)
+        x = x + F.dropout(self.attn(self.norm1(x), rope, mask, cache, input_pos), p)
+        x = x + F.dropout(self.cross(self.norm2(x), text), p)
         return x + F.dropout(self.mlp(self.norm3(x)), p)
 
 
@@ -260,6 +248,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables((1, cfg.max_text_len + 1), cfg.head_dim, cfg.rope_base)  # 1-D: along the text
         self.register_buffer("text_rope_cos", cos, persistent=False)  # [1+max_text_len, Dh/2]
         self.register_buffer("text_rope_sin", sin, persistent=False)
+        self.kv_cache: KVCache | None = None  # sampling's, from setup_caches: non-persistent buffers only
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -285,7 +274,7 @@ class Transformer(nn.Module):
         nn.init.normal_(self.null, std=0.02)
         nn.init.zeros_(self.head.weight)
 
-    # -- pieces the sampler reuses ------------------------------------------------------
+    # -- the text and the forward ------------------------------------------------------
 
     def context(self, text: Tensor, text_mask: Tensor, drop_cond: Tensor | None = None) -> Context:
         """Text embeddings [B, L, d_text] + mask [B, L] -> the null token and projected text.
@@ -313,50 +302,10 @@ class Transformer(nn.Module):
                 tokens = block(tokens, mask, rope)
         return Context(self.text_norm(tokens), mask)
 
-    def inputs(self, codes: Tensor) -> Tensor:
-        """codes [B, N] -> input embeddings [B, N, D]: the start embedding, then codes[:, :-1]."""
-        bos = self.bos.expand(codes.shape[0], 1, -1)
-        return torch.cat([bos, self.tok_emb(codes[:, :-1])], dim=1)
-
-    def run(self, x: Tensor, pos: int | Tensor, context: Context | None, caches: Sequence[LayerCache] | None = None) -> Tensor:
-        """Input embeddings x [B, n, D] at positions ``pos`` -> normed hidden states [B, n, D];
-        ``self.head`` turns them into logits. ``pos``: an int start, a LongTensor [n], or a
-        LongTensor [B, n] of each row's positions.
-
-        Without caches, x is the whole prefix from position 0 and attention is causal. With
-        caches (one per block), earlier positions come from them and ``context`` may be None.
-        """
-        n = x.shape[1]
-        if isinstance(pos, int):
-            if pos + n > self.cfg.seq_len:
-                raise ValueError(f"positions {pos}..{pos + n - 1} exceed the {self.cfg.grid[0]}x{self.cfg.grid[1]} code grid")
-            at, cells = slice(pos, pos + n), torch.arange(pos, pos + n, device=x.device)
-        else:
-            # a speculative window may run past the grid's last cell; those positions reuse its
-            # tables, and their outputs are never read (the cache keeps their keys apart)
-            at = cells = pos.clamp(max=self.cfg.seq_len - 1)
+    def _at(self, x: Tensor, cells: Tensor) -> Tensor:
+        """Inputs x [..., D] at grid cells [...] plus their absolute (row, column) embeddings."""
         w = self.cfg.grid[1]
-        x = x + self.row_emb[cells // w] + self.col_emb[cells % w]  # absolute (row, column) of each position
-        rope = self.rope_cos[at], self.rope_sin[at]  # [n, Dh/2] or [B, n, Dh/2]
-        for i, block in enumerate(self.blocks):
-            x = block(x, pos, rope, context, None if caches is None else caches[i])
-        return self.norm(x)
-
-    def decode_step(self, codes: Tensor, pos: int | Tensor, caches: Sequence[LayerCache]) -> Tensor:
-        """The sampler's one entry: logits [S, n, V] at positions ``pos`` against ``caches`` (one
-        ``LayerCache`` per block, holding the earlier positions and the text).
-
-        codes [S, n] holds the code before each position (the input that predicts it); at
-        position 0 the start embedding goes in instead, whatever ``codes`` says there. ``pos``:
-        an int start, a LongTensor [n], or a LongTensor [S, n] of each row's own positions.
-        """
-        x = self.tok_emb(codes)  # [S, n, D]
-        if isinstance(pos, int):
-            if pos == 0:
-                x = torch.cat([self.bos.expand(x.shape[0], 1, -1), x[:, 1:]], dim=1)
-        else:
-            x = torch.where((pos == 0)[..., None], self.bos, x)  # static shapes: no branch on values
-        return self.head(self.run(x, pos, None, caches))
+        return x + self.row_emb[cells // w] + self.col_emb[cells % w]
 
     def forward(self, codes: Tensor, text: Tensor, text_mask: Tensor, drop_cond: Tensor | None = None) -> Tensor:
         """codes [B, N] (raster order, N <= h*w) + text [B, L, d_text], text_mask [B, L]
@@ -367,7 +316,68 @@ class Transformer(nn.Module):
                 f"got {tuple(codes.shape)}; flatten [B, h, w] codes in raster order"
             )
         context = self.context(text, text_mask, drop_cond)
-        return self.head(self.run(self.inputs(codes), 0, context))
+        n = codes.shape[1]
+        x = torch.cat([self.bos.expand(codes.shape[0], 1, -1), self.tok_emb(codes[:, :-1])], dim=1)  # [B, N, D]
+        x = self._at(x, torch.arange(n, device=codes.device))
+        rope = self.rope_cos[:n], self.rope_sin[:n]  # [N, Dh/2]
+        for block in self.blocks:
+            x = block(x, rope, block.cross.text_kv(context))
+        return self.head(self.norm(x))
+
+    # -- the decode contract -----------------------------------------------------------
+
+    def setup_caches(self, rows: int, length: int, text_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """The model's ``KVCache`` of ``rows`` rows, ``length`` self-attention slots and
+        ``text_len`` text slots (keys/values in ``dtype``, default the model's), attending over
+        all its slots. The model keeps the cache of its last shape and hands it out again while
+        the shape is unchanged, so a compiled step against it is recorded once."""
+        dtype = dtype or self.bos.dtype
+        layout = (rows, length, text_len, dtype, self.bos.device)
+        if self.kv_cache is None or self.kv_cache.layout != layout:
+            self.kv_cache = None  # the old cache's memory goes before the new one's is taken
+            self.kv_cache = KVCache(self.cfg, rows, length, text_len, dtype, self.bos.device)
+        self.kv_cache.narrow(length)
+        return self.kv_cache
+
+    def write_text(self, cache: KVCache, rows: Tensor, context: Context) -> None:
+        """Write each block's cross-attention keys/values of ``context`` (tokens [R, L, D], mask
+        [R, 1, 1, L]) into rows [R] of ``cache``; the text is padded to the cache's text slots,
+        masked out there."""
+        tokens, mask = context.tokens, context.mask
+        R, L = tokens.shape[:2]
+        if rows.shape != (R,) or L > cache.text_len:
+            raise ValueError(
+                f"write_text: a context of {R} rows x {L} text tokens does not fit rows of shape {tuple(rows.shape)} "
+                f"of a cache with {cache.text_len} text slots"
+            )
+        padded = Context(F.pad(tokens, (0, 0, 0, cache.text_len - L)), F.pad(mask, (0, cache.text_len - L), value=False))
+        for block, layer in zip(self.blocks, cache.layers):
+            layer.write_text(rows, *block.cross.text_kv(padded))
+
+    def decode_step(self, codes: Tensor, input_pos: Tensor, cache: KVCache, logits_to_keep: int = 0) -> Tensor:
+        """One step of rows [0, S) of ``cache``: codes [S, n] at positions input_pos [S, n] -> logits
+        [S, n, V] (of the last ``logits_to_keep`` positions only, when > 0: the head is a large matmul).
+
+        ``codes`` holds the code before each position (the input that predicts it); at position
+        0 the start embedding goes in instead, whatever ``codes`` says there. Each row has its own
+        positions; their keys go into its slots input_pos and every query attends over the slots
+        up to its own. A speculative window may run past the grid's last cell into spare slots:
+        those positions reuse its tables, and their outputs are meaningless.
+        """
+        S, n = codes.shape if codes.ndim == 2 else (None, None)
+        if input_pos.shape != codes.shape or S is None or S > cache.rows or n > cache.span:
+            raise ValueError(
+                f"decode_step: codes {tuple(codes.shape)} and input_pos {tuple(input_pos.shape)} must both be [S, n] "
+                f"with S <= {cache.rows} cache rows and n <= {cache.span} slots"
+            )
+        cells = input_pos.clamp(max=self.cfg.seq_len - 1)
+        x = torch.where((input_pos == 0)[..., None], self.bos, self.tok_emb(codes))  # [S, n, D]; static shapes: no branch
+        x = self._at(x, cells)
+        rope = self.rope_cos[cells][:, None], self.rope_sin[cells][:, None]  # [S, 1, n, Dh/2]: each row its own
+        mask = cache.mask(input_pos)  # [S, 1, n, T]
+        for block, layer in zip(self.blocks, cache.layers):
+            x = block(x, rope, TextKV(*layer.text(S)), mask, layer, input_pos)
+        return self.head(self.norm(x)[:, -logits_to_keep:])  # -0: every position
 
     # -- training and checkpoints ------------------------------------------------------
 

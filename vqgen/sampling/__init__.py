@@ -1,7 +1,6 @@
 """Fast sampling: static KV cache, classifier-free guidance, seeded inverse-CDF draws,
 speculative Jacobi decoding."""
 
-from vqgen.sampling.cache import Decoder, LayerKV, decoder_for, text_bucket
 from vqgen.sampling.draws import (
     SCHEDULES,
     draw_uniforms,
@@ -12,16 +11,13 @@ from vqgen.sampling.draws import (
     sample_logits,
     top_p_mask,
 )
-from vqgen.sampling.generate import decode_one, generate, sampling_options
-from vqgen.sampling.speculative import PRIORS, speculative_decode
+from vqgen.sampling.generate import decode_one, generate, sampling_options, text_bucket
+from vqgen.sampling.speculative import PRIORS, speculative_decode, start_guess
 
 __all__ = [
     "PRIORS",
     "SCHEDULES",
-    "Decoder",
-    "LayerKV",
     "decode_one",
-    "decoder_for",
     "draw_uniforms",
     "generate",
     "guidance_scales",
@@ -31,6 +27,7 @@ __all__ = [
     "sample_logits",
     "sampling_options",
     "speculative_decode",
+    "start_guess",
     "text_bucket",
     "top_p_mask",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import typing
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from vqgen.config import GuidanceSchedule
@@ -68,11 +69,12 @@ def probabilities(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
 
 
 def guide(logits: Tensor, scale: Tensor, guided: bool) -> Tensor:
-    """Guided logits [B, ...] from the streams' logits [2B, ...] (conditional rows first):
-    uncond + scale * (cond - uncond), exact at scale 1; unguided logits pass through."""
+    """Guided logits [B, ...] from the streams' logits [2B, ...] (image b's conditional row 2b,
+    its null-caption row 2b + 1): uncond + scale * (cond - uncond), exact at scale 1; unguided
+    logits pass through."""
     if not guided:
         return logits
-    cond, uncond = logits.chunk(2)
+    cond, uncond = rearrange(logits, "(b s) ... -> s b ...", s=2)
     return torch.lerp(uncond, cond, scale)
 
 

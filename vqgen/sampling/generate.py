@@ -2,18 +2,20 @@
 optional speculative Jacobi decoding.
 
 The text enters through cross-attention, so a prompt is a single start token: the first step
-runs it at position 0 and every later step decodes one code. Per prompt, each layer's
-cross-attention keys/values are computed once and reused at every step; self-attention
-keys/values go into preallocated caches that a ``Decoder`` owns per shape and reuses across
-calls (see ``cache.py``). The model is reached through one entry, ``Transformer.decode_step``.
-Eagerly, attention reads only the filled part of the cache; compiled, shapes stay static (a
-mask hides the unfilled tail) so the decode step is one graph, recorded once and CUDA-graphed
-on GPU.
+runs it at position 0 and every later step decodes one code. Every path runs through the
+model's decode contract (``Transformer.setup_caches``, ``write_text``, ``decode_step``): per
+prompt, each block's cross-attention keys/values are written into the cache's rows once, and
+each step writes its self-attention keys/values at ``input_pos`` [S, n]. The model keeps the
+cache of its last shape (rows, slots, text bucket), so calls of one shape reuse it. Eager and
+compiled steps are the same code; eagerly the loop narrows the slots a step attends over to
+those filled so far, compiled it keeps them all (a mask hides the unfilled tail), so the step
+is one graph, recorded once and CUDA-graphed on GPU. The decode loops never wait on the host,
+except speculative decoding's one read per window (which images finished).
 
-Guidance doubles the batch: rows [0, B) are conditional, rows [B, 2B) see the null caption,
-and both streams receive the same sampled code. Each image's uniforms are drawn up front
-from its own seed, and a code is drawn by inverse CDF (cumsum + searchsorted), so an image
-does not depend on the batch it was generated in.
+Guidance doubles the rows: image b's conditional stream is row 2b, its null-caption stream
+row 2b + 1 (a linked pair), and both receive the same sampled code. Each image's uniforms are
+drawn up front from its own seed, and a code is drawn by inverse CDF (cumsum + searchsorted),
+so an image does not depend on the batch it was generated in.
 
 ``speculative=W`` verifies windows of W draft codes per forward instead (``speculative.py``):
 the same distribution over images, fewer forwards.
@@ -25,27 +27,37 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import repeat
-from torch import Tensor, nn
+from torch import Tensor
 
 from vqgen.config import SETTINGS, DraftPrior, GuidanceSchedule, SamplingConfig, SamplingSettings
-from vqgen.model import Transformer
-from vqgen.sampling.cache import decoder_for, text_bucket
+from vqgen.model import Context, KVCache, Transformer
 from vqgen.sampling.draws import SCHEDULES, draw_uniforms, guidance_scales, guide, sample_logits
 from vqgen.sampling.speculative import speculative_decode, window_logits
 
-__all__ = ["SCHEDULES", "decode_one", "generate", "sampling_options"]
+__all__ = ["SCHEDULES", "decode_one", "generate", "sampling_options", "text_bucket"]
+
+MIN_TEXT_BUCKET = 8
 
 
 def decode_one(
-    model: Transformer, caches: nn.ModuleList, code: Tensor, pos: int | Tensor, u: Tensor, scale: Tensor,
+    model: Transformer, cache: KVCache, code: Tensor, t: Tensor, u: Tensor, scale: Tensor,
     guided: bool, temperature: float, top_k: int, top_p: float,
 ) -> Tensor:
-    """The cached decode step: each image's previous code [B] (ignored at position 0) at
-    ``pos`` -> its next code [B], drawn with uniforms u [B] at guidance ``scale``."""
-    codes = repeat(code, "b -> (s b) 1", s=2 if guided else 1)  # [S, 1]
-    logits = model.decode_step(codes, pos, caches)[:, -1].float()  # [S, V]
+    """The cached decode step at position t [1]: each image's previous code [B] (ignored at
+    position 0) -> its next code [B], drawn with uniforms u [B] at guidance ``scale``."""
+    codes = repeat(code, "b -> (b s) 1", s=2 if guided else 1)  # [S, 1]
+    logits = model.decode_step(codes, t.expand_as(codes), cache)[:, -1].float()  # [S, V]
     return sample_logits(guide(logits, scale, guided), u, temperature, top_k, top_p)
+
+
+def text_bucket(length: int, longest: int) -> int:
+    """Text slots for a context of ``length`` tokens (null token included): the next power of
+    two from 8, capped at ``longest`` (the model's null token + max_text_len), so prompts of
+    other lengths share a cache shape and a compiled step."""
+    bucket = max(MIN_TEXT_BUCKET, 1 << (length - 1).bit_length())
+    return max(length, min(bucket, longest))
 
 
 @functools.cache
@@ -113,55 +125,73 @@ def generate(
     scales = guidance_scales(cfg_scale, cfg_schedule, N).to(device)  # [N]
     guided = bool((scales != 1).any())
 
-    # streams: the conditional rows, then (guided) the same rows with the null caption
-    text = repeat(text.to(device), "p l d -> (p i) l d", i=num_images)
-    text_mask = repeat(text_mask.to(device), "p l -> (p i) l", i=num_images)
-    drop = torch.zeros(B, dtype=torch.bool, device=device)
-    if guided:
-        text, text_mask, drop = torch.cat([text, text]), torch.cat([text_mask, text_mask]), torch.cat([drop, ~drop])
+    # rows: each image's conditional stream and (guided) beside it the same text under the null caption
+    streams = 2 if guided else 1
+    text = repeat(text.to(device), "p l d -> (p i s) l d", i=num_images, s=streams)
+    text_mask = repeat(text_mask.to(device), "p l -> (p i s) l", i=num_images, s=streams)
+    drop = torch.tensor([False, True][:streams], device=device).repeat(B)  # [S]
     opts: dict[str, Any] = dict(guided=guided, temperature=temperature, top_k=top_k, top_p=top_p)
 
     was_training = model.training
     model.eval()
     try:
         context = model.context(text, text_mask, drop)
+        rows = torch.arange(len(drop), device=device)
+        dtype = cache_dtype or (torch.float32 if device.type == "cpu" else model.bos.dtype)
+        # the text padded to a bucket lets a compiled step serve prompts of other lengths; the
+        # baseline recomputes everything each step, so it gets its text unpadded
+        L = context.tokens.shape[1]
+        text_len = text_bucket(L, model.cfg.max_text_len + 1) if use_cache else L
+        cache = model.setup_caches(len(rows), N + window, text_len, dtype)
+        model.write_text(cache, rows, context)
         forwards = torch.full((B,), N, dtype=torch.long)
         if not use_cache:
-            codes = torch.zeros(B, N, dtype=torch.long, device=device)
-            u = draw_uniforms(seeds, N).to(device)  # [B, N]
-            for t in range(N):
-                x = model.inputs(repeat(codes[:, : t + 1], "b n -> (s b) n", s=2 if guided else 1))  # [S, t+1, D]
-                logits = model.head(model.run(x, 0, context)[:, -1]).float()  # [S, V]
-                codes[:, t] = sample_logits(guide(logits, scales[t], guided), u[:, t], temperature, top_k, top_p)
-            return (codes.view(B, h, w), forwards) if return_forwards else codes.view(B, h, w)
-
-        dtype = cache_dtype or (torch.float32 if device.type == "cpu" else model.bos.dtype)
-        text_len = text_bucket(context.tokens.shape[1], model.cfg.max_text_len + 1)
-        decoder = decoder_for(model, context.tokens.shape[0], N + window, text_len, dtype)
-        decoder.load(model, context)
-        if window:
+            codes = full_recompute(model, cache, context, seeds, scales, **opts)
+        elif window:
             step = compiled(window_logits, device.type) if compile else window_logits
             codes, forwards = speculative_decode(
-                model, decoder, step, seeds, window, scales, compact=not compile, prior=speculative_prior, **opts
+                model, cache, step, seeds, window, scales, compact=not compile, prior=speculative_prior, **opts
             )
         else:
-            codes = plain_decode(model, decoder.layers, seeds, scales, compile, opts)
+            codes = plain_decode(model, cache, seeds, scales, compile, opts)
         return (codes.view(B, h, w), forwards) if return_forwards else codes.view(B, h, w)
     finally:
         model.train(was_training)
 
 
-def plain_decode(model: Transformer, caches: nn.ModuleList, seeds: Tensor, scales: Tensor, compile: bool, opts: dict) -> Tensor:
-    """One code per forward for every image -> codes [B, N]."""
+def plain_decode(model: Transformer, cache: KVCache, seeds: Tensor, scales: Tensor, compile: bool, opts: dict) -> Tensor:
+    """One code per step for every image -> codes [B, N]. Eagerly each step attends over the
+    slots filled so far; compiled, over all of them (one shape, one recorded graph)."""
     N, device = model.cfg.seq_len, model.bos.device
     u = draw_uniforms(seeds, N).to(device)  # [B, N]
     step = compiled(decode_one, device.type) if compile else decode_one
-    # compiled: positions as tensors keep every step's shapes identical
     positions = torch.arange(N, device=device)
-    at = (lambda t: positions[t : t + 1]) if compile else (lambda t: t)
     codes = torch.zeros(len(seeds), N, dtype=torch.long, device=device)
     for t in range(N):  # at t = 0 the start embedding goes in and the code passed is ignored
-        codes[:, t] = step(model, caches, codes[:, max(t - 1, 0)], at(t), u[:, t], scales[t], **opts)
+        if not compile:
+            cache.narrow(t + 1)
+        codes[:, t] = step(model, cache, codes[:, max(t - 1, 0)], positions[t : t + 1], u[:, t], scales[t], **opts)
+    return codes
+
+
+def full_recompute(
+    model: Transformer, cache: KVCache, context: Context, seeds: Tensor, scales: Tensor, *,
+    guided: bool, temperature: float, top_k: int, top_p: float,
+) -> Tensor:
+    """The baseline without a cache -> codes [B, N]: every step recomputes the text's keys/values
+    and the whole prefix, whose keys rewrite slots 0..t (nothing carries over between steps)."""
+    N, device = model.cfg.seq_len, model.bos.device
+    streams = 2 if guided else 1
+    rows, positions = torch.arange(len(seeds) * streams, device=device), torch.arange(N, device=device)
+    u = draw_uniforms(seeds, N).to(device)  # [B, N]
+    codes = torch.zeros(len(seeds), N, dtype=torch.long, device=device)
+    for t in range(N):
+        model.write_text(cache, rows, context)
+        cache.narrow(t + 1)
+        before = repeat(F.pad(codes[:, :t], (1, 0)), "b n -> (b s) n", s=streams)  # [S, t+1]: the code before each position
+        input_pos = repeat(positions[: t + 1], "n -> s n", s=len(rows))
+        logits = model.decode_step(before, input_pos, cache, logits_to_keep=1)[:, 0].float()  # [S, V]
+        codes[:, t] = sample_logits(guide(logits, scales[t], guided), u[:, t], temperature, top_k, top_p)
     return codes
 
 

@@ -17,8 +17,9 @@ Drafts:
   computed from the window's not yet verified codes before it;
 - a position entering the window: the code above it in the grid (the nearest one a forward has
   covered), as a point mass; in the first row the last code before the new positions; at
-  position 0 the code the model finds most likely there under the null caption (one forward
-  per model, cached: ``start_guess``). On images a code often repeats its neighbours, and
+  position 0 the code the model finds most likely there under the null caption (one forward,
+  kept with the cache until the weights change: ``start_guess``). On images a code often
+  repeats its neighbours, and
   most images start on their background; docs/benchmarks.md measures this prior against noise.
 
 Draws are coupled across iterations, in the spirit of MC-SJD (So et al., 2025): a position's
@@ -30,57 +31,62 @@ Randomness: from its seed each image draws three uniforms per position (its draf
 acceptance test's and its redraw's), so a (seed, W) pair gives the same image alone or in any
 batch; another W, or the plain sampler, gives another draw from the same distribution.
 
-Per image: each image advances by its own accepted count; under guidance its two streams
-advance together. Eagerly, finished images leave the batch (their cache rows move behind the
-others), so they stop costing compute; compiled, the batch keeps its shape so the graph is
-recorded once. The loop reads the accepted counts on the host once per window, to know which
-images finished.
+Per image: each image advances by its own accepted count, each of its rows at its own
+positions; under guidance its two rows (a linked pair) advance together. Eagerly, finished
+images leave the batch (``KVCache.keep`` moves their rows behind the others), so they stop
+costing compute; compiled, the batch keeps its shape so the graph is recorded once. The loop
+reads the accepted counts on the host once per window, to know which images finished.
 """
 
 from __future__ import annotations
 
 import typing
-import weakref
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import repeat
-from torch import Tensor, nn
+from torch import Tensor
 
 from vqgen.config import DraftPrior
-from vqgen.model import Transformer
-from vqgen.sampling.cache import Decoder
+from vqgen.model import KVCache, Transformer
 from vqgen.sampling.draws import draw_uniforms, guide, inverse_cdf, probabilities
 
 PRIORS = typing.get_args(DraftPrior)  # drafts for positions entering a window
 
-_START_GUESSES: weakref.WeakKeyDictionary[Transformer, tuple[tuple[int, ...], int]] = weakref.WeakKeyDictionary()
+
+def start_guess(model: Transformer, dtype: torch.dtype | None = None) -> Tensor:
+    """The code [] the model finds most likely at position 0 under the null caption: the draft
+    of the first position, where there is no code to copy (on images, usually the background).
+    One step of one row through a cache of its own, so it leaves the model's cache alone and
+    follows any change of the weights; the result stays on the device (no host read)."""
+    device = model.bos.device
+    null = model.context(torch.zeros(1, 1, model.cfg.text_dim, device=device),
+                         torch.zeros(1, 1, dtype=torch.bool, device=device))  # the null token alone
+    cache = KVCache(model.cfg, 1, 1, null.tokens.shape[1], dtype or model.bos.dtype, device)
+    row = torch.zeros(1, dtype=torch.long, device=device)
+    model.write_text(cache, row, null)
+    return model.decode_step(row[:, None], row[:, None], cache)[0, 0].argmax()
 
 
-def start_guess(model: Transformer) -> int:
-    """The code the model finds most likely at position 0 under the null caption: the draft of
-    the first position, where there is no code to copy (on images, usually the background).
-    One forward, cached per model until its weights change in place (which moves their version
-    counters; inference tensors, e.g. weights loaded under ``torch.inference_mode``, keep none)."""
+def cached_start_guess(model: Transformer, cache: KVCache) -> Tensor:
+    """``start_guess`` kept with ``cache`` while the model's weights stay as they were (an
+    in-place change moves their version counters; inference tensors, e.g. weights loaded under
+    ``torch.inference_mode``, keep none): an image takes few window forwards, so one more
+    per call would show."""
     versions = tuple(0 if p.is_inference() else p._version for p in model.parameters())
-    cached = _START_GUESSES.get(model)
-    if cached is None or cached[0] != versions:
-        device = model.bos.device
-        null = model.context(torch.zeros(1, 1, model.cfg.text_dim, device=device),
-                             torch.zeros(1, 1, dtype=torch.bool, device=device))  # the null token alone
-        logits = model.head(model.run(model.bos.expand(1, 1, -1), 0, null))  # [1, 1, V]
-        _START_GUESSES[model] = cached = (versions, int(logits.argmax()))
-    return cached[1]
+    if cache.start_guess is None or cache.start_guess[0] != versions:
+        cache.start_guess = versions, start_guess(model, cache.layers[0].k.dtype)
+    return cache.start_guess[1]
 
 
-def window_logits(model: Transformer, caches: nn.ModuleList, codes: Tensor, pos: Tensor) -> Tensor:
-    """Logits [S, W, V] (float32) of windows at positions pos [S, W] (or [W], the same in every
-    row), codes [S, W] the code before each position."""
-    return model.decode_step(codes, pos, caches).float()
+def window_logits(model: Transformer, cache: KVCache, codes: Tensor, input_pos: Tensor) -> Tensor:
+    """Logits [S, W, V] (float32) of rows [0, S) of ``cache``: windows at positions input_pos
+    [S, W], codes [S, W] the code before each position."""
+    return model.decode_step(codes, input_pos, cache).float()
 
 
-def _draft(codes: Tensor, pos: Tensor, covered: Tensor, jacobi: Tensor, u: Tensor, width: int, start: int | None) -> Tensor:
+def _draft(codes: Tensor, pos: Tensor, covered: Tensor, jacobi: Tensor, u: Tensor, width: int, start: Tensor | None) -> Tensor:
     """Write drafts at window positions pos [A, W] into codes [A, N + W]; return the
     distribution each was drawn from, q [A, W, V].
 
@@ -108,7 +114,7 @@ def _draft(codes: Tensor, pos: Tensor, covered: Tensor, jacobi: Tensor, u: Tenso
 
 def speculative_decode(
     model: Transformer,
-    decoder: Decoder,
+    cache: KVCache,
     step: Callable[..., Tensor],
     seeds: Tensor,
     window: int,
@@ -124,11 +130,11 @@ def speculative_decode(
     """Decode every image by windows of ``window`` codes -> (codes [B, N], forwards [B] on CPU:
     the model forwards each image took part in).
 
-    ``decoder`` holds the prompt's context and ``N + window`` self-attention slots per stream;
-    ``step`` is ``window_logits`` or its compiled form; ``scales`` [N] the guidance per
-    position. ``compact``: finished images leave the batch (eager only). The state of the
-    images still running is kept in the decoder's row order, so it is reordered only when
-    images finish.
+    ``cache`` holds the prompts' text in its rows (image b's streams in rows ``streams * b + s``)
+    and ``N + window`` self-attention slots; ``step`` is ``window_logits`` or its compiled form;
+    ``scales`` [N] the guidance per position. ``compact``: finished images leave the batch
+    (eager only). The state of the images still running is kept in the cache's row order, so
+    it is reordered only when images finish.
     """
     if prior not in PRIORS:
         raise ValueError(f"unknown draft prior {prior!r}; choose one of {list(PRIORS)}")
@@ -145,16 +151,14 @@ def speculative_decode(
     forwards = torch.zeros(B, dtype=torch.long)
     images = torch.arange(B)  # the image in each row
 
-    guess = start_guess(model) if prior == "above" else None
+    guess = cached_start_guess(model, cache) if prior == "above" else None
     q = _draft(codes, slots.expand(B, W), start, torch.full((B, W, V), 1 / V, device=device), uniforms[:, :W, 0], width, guess)
     while True:
         A = len(images)
         rows = lanes[:A]
         pos = start[:, None] + slots  # [A, W]
         inputs = codes.gather(1, (pos - 1).clamp(min=0))  # the code before each position
-        # one image's streams share their positions: [W] takes the model's cheaper shared-position path
-        positions = pos[0] if A == 1 else repeat(pos, "a w -> (s a) w", s=streams)
-        logits = step(model, decoder.layers, repeat(inputs, "a w -> (s a) w", s=streams), positions)
+        logits = step(model, cache, repeat(inputs, "a w -> (a s) w", s=streams), repeat(pos, "a w -> (a s) w", s=streams))
         p = probabilities(guide(logits, scales[pos.clamp(max=N - 1)][..., None], guided), temperature, top_k, top_p)  # [A, W, V]
 
         # verify left to right: the leading accepted drafts, then a redraw at the first rejection
@@ -187,8 +191,8 @@ def speculative_decode(
             if finished.any():  # finished images leave: their codes out, the rest of the state moves up
                 done, keep = finished.nonzero()[:, 0], (~finished).nonzero()[:, 0]
                 out[images[done].to(device)] = codes[done.to(device), :N]
-                decoder.keep(torch.cat([keep + s * A for s in range(streams)]).to(device))
+                cache.keep((keep[:, None] * streams + torch.arange(streams)).flatten().to(device))  # pairs stay pairs
                 kept = keep.to(device)
                 codes, start, uniforms, q = (t[kept] for t in (codes, start, uniforms, q))
                 images, now = images[keep], now[keep]
-            decoder.narrow(streams * len(images), min(decoder.length, int(now.max()) + W))
+            cache.narrow(min(cache.length, int(now.max()) + W))
