@@ -179,7 +179,7 @@ class GuidedDraw:
     image's code is drawn with ``torch.multinomial`` (HF's own sampler) from the guided
     distribution ``softmax(uncond + scale * (cond - uncond))``; both rows of the image receive
     it. Left to itself, ``generate()`` would draw once per row: twice the draws with guidance
-    (a draw over 16,384 codes costs ~1 ms on a CPU core), and each row its own code.
+    (each a full pass over the vocabulary), and each row its own code.
     """
 
     def __init__(self, scale: float):

@@ -33,10 +33,9 @@ class EMA:
     vector-quantize-pytorch, already a running average (of the encoder outputs each code wins),
     with dead codes restarted at random encoder outputs; an average of it mixes a restarted
     code's old and new places into a shorter vector (the codes are l2-normalised), which
-    nearest-code search by dot product then passes over. Measured with EMA weights on held-out
-    photographs after 600 steps (a 64 px f8 tokenizer): averaged codebook 16.0 dB PSNR with 3% of
-    the codes in use, the codebook as trained 17.5 dB with 82%. With the warm-up, the EMA weights
-    trail the codebook by a short window only.
+    nearest-code search by dot product then passes over, so codebook usage collapses
+    (docs/benchmarks.md, "Training runs", gives the measurement). With the warm-up, the EMA
+    weights trail the codebook by a short window only.
     """
 
     def __init__(self, model: nn.Module, decay: float):

@@ -68,7 +68,8 @@ class Task:
 
 def resolve_precision(mixed_precision: str) -> str:
     """``auto`` -> bf16 where the hardware computes in it (Ampere+ GPUs, CPUs with AMX or
-    AVX512-BF16), fp16 on older GPUs, fp32 on other CPUs, where emulated bf16 runs 3-5x slower."""
+    AVX512-BF16), fp16 on older GPUs, fp32 on other CPUs, where bf16 is emulated
+    and slower than fp32."""
     if mixed_precision != "auto":
         return mixed_precision
     if torch.cuda.is_available():
