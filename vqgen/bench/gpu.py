@@ -328,7 +328,7 @@ def train_steps(config: Path, overrides: list[str], opts: Options, rec: Recorder
                           "batch_size": train_cfg.batch_size, "precision": accelerator.mixed_precision})
         task = Task(
             kind="transformer",
-            model=NextCodeLoss(transformer),
+            model=NextCodeLoss(transformer, train_cfg.cond_dropout),
             batches=RandomBatches(train_cfg.batch_size, grid, vocab, 16, accelerator.device),
             export=lambda state, directory: transformer.save_pretrained(directory, state=substate(state, "transformer")),
             optimizers=lambda model, c: [
