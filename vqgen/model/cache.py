@@ -69,8 +69,6 @@ class KVCache(nn.Module):
             LayerKV(rows, cfg.kv_heads, length, cfg.head_dim, text_len, dtype, torch.device(device)) for _ in range(cfg.depth)
         )
         self.register_buffer("slots", torch.arange(length, device=device), persistent=False)  # [T]
-        # speculative decoding keeps its start guess here, with the weights' versions it was computed for
-        self.start_guess: tuple[tuple[int, ...], Tensor] | None = None
 
     @property
     def layout(self) -> tuple[int, int, int, torch.dtype, torch.device]:

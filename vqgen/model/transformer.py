@@ -249,6 +249,8 @@ class Transformer(nn.Module):
         self.register_buffer("text_rope_cos", cos, persistent=False)  # [1+max_text_len, Dh/2]
         self.register_buffer("text_rope_sin", sin, persistent=False)
         self.kv_cache: KVCache | None = None  # sampling's, from setup_caches: non-persistent buffers only
+        # speculative decoding's start guess, with the weights' versions and the dtype it was computed for
+        self.start_guess: tuple[tuple[int, ...], torch.dtype, Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

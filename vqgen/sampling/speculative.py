@@ -18,7 +18,7 @@ Drafts:
 - a position entering the window: the code above it in the grid (the nearest one a forward has
   covered), as a point mass; in the first row the last code before the new positions; at
   position 0 the code the model finds most likely there under the null caption (one forward,
-  kept with the cache until the weights change: ``start_guess``). On images a code often
+  kept with the model until the weights change: ``start_guess``). On images a code often
   repeats its neighbours, and
   most images start on their background; docs/benchmarks.md measures this prior against noise.
 
@@ -69,15 +69,15 @@ def start_guess(model: Transformer, dtype: torch.dtype | None = None) -> Tensor:
     return model.decode_step(row[:, None], row[:, None], cache)[0, 0].argmax()
 
 
-def cached_start_guess(model: Transformer, cache: KVCache) -> Tensor:
-    """``start_guess`` kept with ``cache`` while the model's weights stay as they were (an
-    in-place change moves their version counters; inference tensors, e.g. weights loaded under
-    ``torch.inference_mode``, keep none): an image takes few window forwards, so one more
-    per call would show."""
+def cached_start_guess(model: Transformer, dtype: torch.dtype) -> Tensor:
+    """``start_guess`` kept with the model while its weights stay as they were (an in-place
+    change moves their version counters; inference tensors, e.g. weights loaded under
+    ``torch.inference_mode``, keep none), across caches of any shape: an image takes few window
+    forwards, so one more per call would show."""
     versions = tuple(0 if p.is_inference() else p._version for p in model.parameters())
-    if cache.start_guess is None or cache.start_guess[0] != versions:
-        cache.start_guess = versions, start_guess(model, cache.layers[0].k.dtype)
-    return cache.start_guess[1]
+    if model.start_guess is None or model.start_guess[:2] != (versions, dtype):
+        model.start_guess = versions, dtype, start_guess(model, dtype)
+    return model.start_guess[2]
 
 
 def window_logits(model: Transformer, cache: KVCache, codes: Tensor, input_pos: Tensor) -> Tensor:
@@ -151,7 +151,7 @@ def speculative_decode(
     forwards = torch.zeros(B, dtype=torch.long)
     images = torch.arange(B)  # the image in each row
 
-    guess = cached_start_guess(model, cache) if prior == "above" else None
+    guess = cached_start_guess(model, cache.layers[0].k.dtype) if prior == "above" else None
     q = _draft(codes, slots.expand(B, W), start, torch.full((B, W, V), 1 / V, device=device), uniforms[:, :W, 0], width, guess)
     while True:
         A = len(images)
