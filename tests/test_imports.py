@@ -106,8 +106,8 @@ def cycles(edges: list[Edge]) -> list[list[Edge]]:
             elif edge.target in stack:
                 low[node] = min(low[node], index[edge.target])
         if low[node] == index[node]:
-            group = set()
-            while not group or member != node:
+            member, group = None, set()
+            while member != node:
                 member = stack.pop()
                 group.add(member)
             if len(group) > 1:

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from vqgen.bench.sampling import device_name
-from vqgen.files import atomic_write_text
 from vqgen.data.prompts import read_prompt_sets
 from vqgen.eval.scene import adherence
+from vqgen.files import atomic_write_text
 from vqgen.sampling import generate, sampling_options
 from vqgen.sampling.cli import add_setting_arguments, overrides, positive_int
 from vqgen.sampling.pipeline import Pipeline

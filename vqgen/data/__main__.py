@@ -20,10 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-
-from vqgen.files import atomic_write_text
 from vqgen.data import codes, photos
 from vqgen.data.shapes import ShapesDataset, render_scene
+from vqgen.files import atomic_write_text
 from vqgen.progress import progress_bar
 
 

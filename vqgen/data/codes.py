@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vqgen.files import atomic_write, atomic_write_text, file_digest
 from vqgen.config import ConfigError, DataConfig, load_config
 from vqgen.data.loaders import (
     ShardSamples,
@@ -47,6 +46,7 @@ from vqgen.data.loaders import (
     build_dataset,
     collate_usable,
 )
+from vqgen.files import atomic_write, atomic_write_text, file_digest
 from vqgen.progress import progress_bar
 
 FORMAT = "vqgen-codes/1"

@@ -29,12 +29,12 @@ from typing import NamedTuple
 from PIL import Image
 
 from vqgen.checkpoint import CheckpointError
-from vqgen.files import atomic_write_text
 from vqgen.data.prompts import read_prompts
 from vqgen.eval import tokenizer as tokenizer_cli
 from vqgen.eval.clip_score import DEFAULT_CLIP, clip_score_folder, load_clip
 from vqgen.eval.fid import fid_kid, inception_features, load_inception
 from vqgen.eval.scene import ATTRIBUTES, adherence
+from vqgen.files import atomic_write_text
 from vqgen.images import to_pil
 from vqgen.sampling.cli import add_setting_arguments, describe, overrides, transformer_dir
 from vqgen.sampling.pipeline import Pipeline

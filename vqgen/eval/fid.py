@@ -35,9 +35,9 @@ from einops import rearrange
 from PIL import Image
 from torch import nn
 
-from vqgen.files import file_digest
 from vqgen.data.shapes import Scene, render_scene
 from vqgen.eval.scene import parse_caption
+from vqgen.files import file_digest
 from vqgen.images import to_pil
 from vqgen.progress import progress_bar
 

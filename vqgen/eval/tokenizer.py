@@ -24,11 +24,11 @@ from einops import rearrange, reduce
 from torch.utils.data import Dataset
 
 from vqgen.checkpoint import EMA_FILE, checkpoint_state, load_state_into, substate
-from vqgen.files import atomic_write_text
 from vqgen.config import ConfigError, DataConfig, load_config
 from vqgen.data.splits import heldout_dataset
 from vqgen.eval.fid import InceptionFeatures, MetricsError, frechet_distance, inception_features, load_inception
 from vqgen.eval.scene import adherence
+from vqgen.files import atomic_write_text
 from vqgen.images import to_pil
 from vqgen.tokenizer import VQTokenizer, psnr
 

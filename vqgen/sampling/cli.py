@@ -37,8 +37,8 @@ from accelerate.utils import gather_object
 from PIL import Image
 
 from vqgen.checkpoint import CheckpointError
-from vqgen.files import atomic_write_text
 from vqgen.config import SETTINGS, ConfigError, SamplingSettings
+from vqgen.files import atomic_write_text
 from vqgen.images import save_grid
 from vqgen.progress import progress_bar
 from vqgen.sampling.jobs import Prompt, blocks, plan, read_prompt_file, run_job, sample_block

@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vqgen.files import atomic_write, atomic_write_text
 from vqgen.config import SETTINGS, ConfigError, SamplingSettings
 from vqgen.data.prompts import read_prompts
+from vqgen.files import atomic_write, atomic_write_text
 from vqgen.images import to_pil
 from vqgen.sampling.pipeline import Pipeline, image_seed
 

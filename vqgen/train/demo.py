@@ -34,13 +34,19 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from vqgen.files import atomic_write_text
+import vqgen
 from vqgen.config import Config, ConfigError
-
-if TYPE_CHECKING:
-    from vqgen.data.shapes import ShapesDataset
+from vqgen.data.codes import CodeShards
+from vqgen.data.shapes import ShapesDataset
+from vqgen.eval.fid import MetricsError, shapes_fid
+from vqgen.eval.scene import adherence
+from vqgen.eval.tokenizer import evaluate_tokenizer
+from vqgen.files import atomic_write_text
+from vqgen.images import save_grid
+from vqgen.sampling.pipeline import Pipeline
+from vqgen.train.tokenizer import train_tokenizer
+from vqgen.train.transformer import train_transformer
 
 DEMO_CONFIG = Path("configs") / "shapes.yaml"  # the demo's CPU settings, in the repository
 EVAL_SEED = 10_000  # scenes for evaluation prompts come from a seed training never uses
@@ -52,8 +58,6 @@ MISMATCHED = {"single": "two", "two": "single", "heldout": "two"}
 
 def demo_config_path() -> Path:
     """``configs/shapes.yaml`` of the checkout this package runs from, else of the working directory."""
-    import vqgen
-
     candidates = [Path(vqgen.__file__).resolve().parent.parent / DEMO_CONFIG, Path.cwd() / DEMO_CONFIG]
     for path in candidates:
         if path.is_file():
@@ -68,7 +72,6 @@ def evaluation_scenes(cfg: Config, seed: int = EVAL_SEED, num: int = 10**9) -> d
     """The scene sampler of each evaluation set: ``single`` and ``two`` objects from the training
     split, ``heldout`` (with ``data.holdout``) the config's object counts, each scene holding a
     held-out combination; set k draws from seed ``seed + k``."""
-    from vqgen.data.shapes import ShapesDataset
 
     sets = {"single": (1, 1, "train"), "two": (2, 2, "train")}
     if cfg.data.holdout:
@@ -107,8 +110,6 @@ def heldout_limit(cfg: Config, tokenizer, generator_exact: float, num: int = EVA
     """Which of the two models limits the held-out adherence figure: the tokenizer's exact
     match on reconstructions of held-out scenes (``num`` of them, from the held-out prompt
     set's seed) beside the generator's exact match on held-out prompts; the lower one is the limit."""
-    from vqgen.eval.tokenizer import evaluate_tokenizer
-
     scenes = evaluation_scenes(cfg, num=num)["heldout"]
     tokenizer_exact = evaluate_tokenizer(tokenizer, scenes)["exact"]
     limited_by = "tokenizer" if tokenizer_exact <= generator_exact else "generator"
@@ -137,12 +138,6 @@ def stage(name: str, seconds: dict[str, float]):
 
 def run_demo(cfg: Config, out: Path) -> dict:
     """Run every stage into ``out``; returns (and writes) ``out/report.json``."""
-    from vqgen.eval.scene import adherence
-    from vqgen.images import save_grid
-    from vqgen.sampling.pipeline import Pipeline
-    from vqgen.train.tokenizer import train_tokenizer
-    from vqgen.train.transformer import train_transformer
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
@@ -161,8 +156,6 @@ def run_demo(cfg: Config, out: Path) -> dict:
 
     pipeline = Pipeline.from_pretrained(out / "transformer")  # samples with the run's sampling settings
     with stage("adherence", seconds):
-        from vqgen.data.codes import CodeShards
-
         training = set(CodeShards(out / "transformer" / "codes").captions)
         report["adherence"] = {}
         generated = {}  # set -> (prompts, images), for FID
@@ -179,8 +172,6 @@ def run_demo(cfg: Config, out: Path) -> dict:
             print(report["heldout"]["verdict"])
 
     with stage("fid", seconds):  # samples vs renders of their prompts, beside a floor and a mismatched reference
-        from vqgen.eval.fid import MetricsError, shapes_fid
-
         others = {
             name: [data.scene_and_caption(i)[0] for i in range(len(generated[name][0]))]
             for name, data in evaluation_scenes(cfg, FLOOR_SEED).items()

@@ -28,12 +28,12 @@ from PIL import Image
 from torch import nn
 
 from vqgen.checkpoint import substate, training_state
-from vqgen.files import atomic_write_text
 from vqgen.config import Config, TokenizerTrainConfig
 from vqgen.data.loaders import WebDatasetSamples, build_dataset, has_heldout
 from vqgen.data.shapes import ShapesDataset
 from vqgen.data.splits import describe_heldout, heldout_dataset, training_images
 from vqgen.eval.tokenizer import evaluate_tokenizer
+from vqgen.files import atomic_write_text
 from vqgen.tokenizer import TokenizerTrainer, VQTokenizer
 from vqgen.train.batches import FolderBatches, LoaderBatches, ShardBatches, collate
 from vqgen.train.loop import Task, fit, setup_accelerator

@@ -20,9 +20,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqgen.checkpoint import substate, training_state
-from vqgen.files import atomic_write_text
 from vqgen.config import Config, ConfigError
 from vqgen.data.codes import CodeShards, encode_dataset
+from vqgen.files import atomic_write_text
 from vqgen.images import grid_image
 from vqgen.model import Transformer
 from vqgen.sampling import generate, sampling_options
