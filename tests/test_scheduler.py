@@ -123,3 +123,29 @@ def test_slots_are_reused_and_previews_stream_rows():
         assert torch.equal(job.future.result(), offline(model, r))
     assert [p.shape for p in previews] == [(rows, w) for _ in requests for rows in range(1, h)]
     assert torch.equal(previews[h - 2], jobs[0].future.result()[: h - 1])  # a preview is the final image's first rows
+
+
+def test_a_failing_preview_listener_fails_only_its_request():
+    model = small_model()
+    scheduler = Scheduler(model, slots=2, max_queue=4, preview_rows=1)
+
+    def broken(codes):
+        raise OSError("client went away")
+
+    bad, good = request(0, 30, SETTINGS[0], on_progress=broken), request(1, 31, SETTINGS[1])
+    a, b = scheduler.submit(bad), scheduler.submit(good)
+    drain(scheduler)
+    with pytest.raises(OSError, match="client went away"):
+        a.future.result()
+    assert torch.equal(b.future.result(), offline(model, good))
+
+
+def test_a_cancelled_request_leaves_the_queue():
+    scheduler = Scheduler(small_model(), slots=1, max_queue=1)
+    scheduler.submit(request(0, 1, SETTINGS[0]))
+    scheduler.step()  # admitted: the slot is taken
+    queued = scheduler.submit(request(1, 2, SETTINGS[0]))
+    scheduler.cancel(queued)
+    scheduler.step()
+    assert queued.future.cancelled() and scheduler.queue_depth == 0
+    scheduler.submit(request(2, 3, SETTINGS[0]))  # its place in the queue is free again

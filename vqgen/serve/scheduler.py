@@ -174,22 +174,23 @@ class Scheduler:
         self.codes = self.codes[torch.tensor(kept, dtype=torch.long, device=device)]
         self.active = [self.active[b] for b in kept]
         for job in jobs:
-            if job.cancelled:
+            if job.cancelled and not job.future.done():
                 job.future.cancel()
         self._batch = None
 
     def _admit(self) -> None:
         """Write queued requests' text into the free rows behind the active ones. A request whose
         text cannot be written fails alone."""
+        with self.lock:  # a cancelled request leaves the queue's bound at once
+            for job in [job for job in self.queue if job.cancelled]:
+                self.queue.remove(job)
+                job.future.cancel()
         free = self.cache.rows - self.rows_in_use
         while True:
             with self.lock:
                 if not self.queue or _streams(self.queue[0]) > free:
                     return
                 job = self.queue.popleft()
-            if job.cancelled:
-                job.future.cancel()
-                continue
             try:
                 settings = job.request.settings
                 job.uniforms = draw_uniforms([job.request.seed], self.length)[0].to(self.codes.device)
@@ -241,7 +242,11 @@ class Scheduler:
             if job.position == self.length:
                 job.future.set_result(self.codes[b].view(h, w).cpu())
             elif self.preview_rows and job.request.on_progress and job.position % (self.preview_rows * w) == 0:
-                job.request.on_progress(rearrange(self.codes[b, : job.position], "(r w) -> r w", w=w).cpu())
+                try:
+                    job.request.on_progress(rearrange(self.codes[b, : job.position], "(r w) -> r w", w=w).cpu())
+                except Exception as error:  # noqa: BLE001 - a broken listener fails its own request only
+                    job.future.set_exception(error)
+                    job.cancelled = True  # its rows leave at the next boundary
         self._leave(finished)
 
 
