@@ -23,8 +23,7 @@ def test_the_tokenizer_trains_on_the_held_out_combinations_too():
 
 @pytest.mark.parametrize("tokenizer_exact, limited_by", [(0.0, "tokenizer"), (0.95, "generator")])
 def test_heldout_limit_scores_the_tokenizer_on_held_out_scenes_and_names_the_limit(monkeypatch, tokenizer_exact, limited_by):
-    import vqgen.eval.tokenizer as tokenizer_eval
-    from vqgen.train.demo import heldout_limit
+    import vqgen.train.demo as demo
 
     cfg = load_config(SHAPES, ["data.holdout=[green triangle]"])
     spec = parse_holdout("green triangle")
@@ -34,8 +33,8 @@ def test_heldout_limit_scores_the_tokenizer_on_held_out_scenes_and_names_the_lim
         seen.extend(dataset[i]["scene"] for i in range(len(dataset)))
         return {"exact": tokenizer_exact}
 
-    monkeypatch.setattr(tokenizer_eval, "evaluate_tokenizer", evaluate)
-    result = heldout_limit(cfg, torch.nn.Identity(), generator_exact=0.3, num=20)
+    monkeypatch.setattr(demo, "evaluate_tokenizer", evaluate)  # as the demo calls it
+    result = demo.heldout_limit(cfg, torch.nn.Identity(), generator_exact=0.3, num=20)
     assert len(seen) == 20 and all(any(spec.matches(o) for o in scene) for scene in seen)
     assert result["limited_by"] == limited_by and result["tokenizer_exact"] == tokenizer_exact
     assert f"the {limited_by} limits the held-out figure" in result["verdict"]
