@@ -40,6 +40,32 @@ def device(request) -> torch.device:
     return torch.device(request.config.getoption("--device"))
 
 
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory) -> Path:
+    """An untrained micro run of the demo's config, laid out as the demo lays out its run:
+    ``tokenizer/``, ``transformer/`` (its head drawn at random, so that its predictions are not
+    uniform) and ``prompts/{single,two,heldout}.txt`` (3 evaluation prompts each)."""
+    from vqgen.config import load_config
+    from vqgen.model import Transformer
+    from vqgen.tokenizer import VQTokenizer
+    from vqgen.train.demo import evaluation_prompts
+
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml",
+                      ["model.dim=32", "model.depth=1", "model.heads=2"])
+    torch.manual_seed(0)
+    tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
+    tokenizer.save_pretrained(run / "tokenizer")
+    model = Transformer(cfg.model.complete(tokenizer.codebook_size, tokenizer.grid, 384))
+    with torch.no_grad():
+        model.head.weight.normal_(std=0.3)
+    model.save_pretrained(run / "transformer", extra_config={"tokenizer": str(run / "tokenizer"), "run": cfg.to_dict()})
+    (run / "prompts").mkdir()
+    for name, prompts in evaluation_prompts(cfg, set(), num=3).items():
+        (run / "prompts" / f"{name}.txt").write_text("\n".join(prompts) + "\n")
+    return run
+
+
 @pytest.fixture
 def sigterm_at(monkeypatch):
     """``with sigterm_at(BatchesClass, i):`` the process receives SIGTERM while a training run

@@ -12,29 +12,12 @@ import torch
 
 from vqgen.bench.__main__ import COMMANDS, main
 from vqgen.bench.gpu import SECTIONS
-from vqgen.config import load_config
-from vqgen.train.demo import evaluation_prompts
 
-SHAPES = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """An untrained micro run of the demo's config: tokenizer + transformer."""
-    from vqgen.model import Transformer
-    from vqgen.tokenizer import VQTokenizer
-
-    run = tmp_path_factory.mktemp("run")
-    cfg = load_config(SHAPES, ["model.dim=32", "model.depth=1", "model.heads=2"])
-    torch.manual_seed(0)
-    tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
-    tokenizer.save_pretrained(run / "tokenizer")
-    model = Transformer(cfg.model.complete(tokenizer.codebook_size, tokenizer.grid, 384))
-    model.save_pretrained(run / "transformer", extra_config={"tokenizer": str(run / "tokenizer"), "run": cfg.to_dict()})
-    (run / "prompts").mkdir()
-    for name, prompts in evaluation_prompts(cfg, set(), num=3).items():  # as the demo writes its evaluation sets
-        (run / "prompts" / f"{name}.txt").write_text("\n".join(prompts) + "\n")
-    return run / "transformer"
+def checkpoint(micro_run) -> Path:
+    return micro_run / "transformer"
 
 
 @pytest.fixture(scope="module")

@@ -6,43 +6,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 import vqgen.bench.speculative as bench
 from vqgen.bench.__main__ import main
-from vqgen.config import load_config
-from vqgen.train.demo import evaluation_prompts
 
-SHAPES = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # the CPU demo
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    from vqgen.model import Transformer
-    from vqgen.tokenizer import VQTokenizer
-
-    run = tmp_path_factory.mktemp("run")
-    cfg = load_config(SHAPES, ["model.dim=32", "model.depth=1", "model.heads=2"])
-    torch.manual_seed(0)
-    tokenizer = VQTokenizer(cfg.tokenizer, cfg.data.resolution)
-    tokenizer.save_pretrained(run / "tokenizer")
-    model_cfg = cfg.model.complete(tokenizer.codebook_size, tokenizer.grid, 384)
-    model = Transformer(model_cfg)
-    with torch.no_grad():
-        model.head.weight.normal_(std=0.3)  # not the uniform predictions of a fresh head
-    extra = {"tokenizer": str(run / "tokenizer"), "run": cfg.to_dict()}
-    model.save_pretrained(run / "transformer", extra_config=extra)
-    return run / "transformer"
+def checkpoint(micro_run) -> Path:
+    return micro_run / "transformer"
 
 
 @pytest.fixture(scope="module")
-def prompt_files(tmp_path_factory) -> list[str]:
+def prompt_files(micro_run) -> list[str]:
     """The demo's evaluation sets, as it writes them to <run>/prompts/{single,two}.txt."""
-    folder = tmp_path_factory.mktemp("prompts")
-    sets = evaluation_prompts(load_config(SHAPES), set(), num=4)
-    for name in ("single", "two"):
-        (folder / f"{name}.txt").write_text("\n".join(sets[name]) + "\n")
-    return [str(folder / "single.txt"), str(folder / "two.txt")]
+    return [str(micro_run / "prompts" / f"{name}.txt") for name in ("single", "two")]
 
 
 # what one generation (of one chunk of prompts) takes on the bench's clock in this test
