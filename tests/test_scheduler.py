@@ -1,6 +1,5 @@
 """The continuous-batching scheduler: images equal generate()'s whatever else is in flight."""
 
-import dataclasses
 
 import pytest
 import torch
