@@ -23,7 +23,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("vqgen.sampling",),  # prompts -> codes
     ("vqgen.eval",),  # scores what sampling made
     ("vqgen.train",),  # datasets -> checkpoints, with evaluation and previews
-    ("vqgen.bench", "vqgen.serve", "vqgen.compress"),  # applications of all of the above
+    ("vqgen.bench", "vqgen.serve", "vqgen.compress", "vqgen.cli"),  # applications of all of the above
 ]
 FLOOR = {package: level for level, packages in enumerate(FLOORS) for package in packages}
 

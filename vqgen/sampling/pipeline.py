@@ -120,17 +120,22 @@ class Pipeline:
 
     def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Prompts -> (text [P, L, d], mask [P, L]); an empty prompt gets an all-False mask (the
-        null caption). A prompt longer than the text encoder takes raises ``PromptError``."""
+        null caption). A prompt longer than the text encoder takes raises ``PromptError``.
+
+        Each distinct prompt is encoded alone: the encoder's float rounding depends on the
+        padded length of its batch, and an image must not depend on the prompts it is sampled
+        with (a server's request has no batch mates; ``sample.py``'s do)."""
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise PromptError(f"prompt {i} is a {type(prompt).__name__}, not text")
-        texts = [p for p in prompts if p.strip()]
-        emb, emb_mask = self.encoder.encode(texts)  # [n, L, d], [n, L]: validates every prompt
-        text = torch.zeros(len(prompts), emb.shape[1], self.encoder.dim)  # [P, L, d]
-        mask = torch.zeros(len(prompts), emb.shape[1], dtype=torch.bool)  # [P, L]
-        rows = torch.tensor([i for i, p in enumerate(prompts) if p.strip()], dtype=torch.long)
-        if len(rows):
-            text[rows], mask[rows] = emb.float().cpu(), emb_mask.cpu()
+        encoded = {p: self.encoder.encode([p]) for p in dict.fromkeys(prompts) if p.strip()}  # [1, L_p, d], [1, L_p]
+        L = max((mask.shape[1] for _, mask in encoded.values()), default=0)
+        text = torch.zeros(len(prompts), L, self.encoder.dim)  # [P, L, d]
+        mask = torch.zeros(len(prompts), L, dtype=torch.bool)  # [P, L]
+        for i, prompt in enumerate(prompts):
+            if prompt in encoded:
+                emb, emb_mask = encoded[prompt]
+                text[i, : emb.shape[1]], mask[i, : emb.shape[1]] = emb[0].float().cpu(), emb_mask[0].cpu()
         return text, mask
 
     @torch.no_grad()
