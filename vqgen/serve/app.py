@@ -37,6 +37,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from vqgen.config import ConfigError, GuidanceSchedule, SamplingSettings
 from vqgen.serve.service import ImageJob, ImageService, Unavailable
@@ -69,7 +70,8 @@ class ImageRequest(BaseModel):
             try:
                 SamplingSettings(**{info.field_name: value})
             except ConfigError as e:
-                raise ValueError(str(e).replace(f"config key 'sampling.{info.field_name}' ", "")) from None
+                message = str(e).replace(f"config key 'sampling.{info.field_name}' ", "")
+                raise PydanticCustomError("out_of_range", message) from None
         return value
 
     def overrides(self) -> dict[str, Any]:

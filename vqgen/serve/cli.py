@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, which on SIGTERM/SIGINT first stops the service admitting requests."""
+    """uvicorn's server, which on SIGTERM/SIGINT first stops the service admitting requests,
+    and after the drain exits with ``main``'s status instead of re-raising the signal."""
 
     def __init__(self, config: uvicorn.Config, service: ImageService):
         super().__init__(config)
@@ -73,6 +74,7 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame) -> None:
         self.service.begin_drain()
         super().handle_exit(sig, frame)
+        self._captured_signals.clear()  # uvicorn would re-raise it after shutdown: the exit status says it
 
 
 def build(args: argparse.Namespace) -> tuple[ImageService, Server]:
@@ -99,4 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving {p.checkpoint} (weights: {p.weights}) on http://{args.host}:{args.port}  "
           f"slots={args.slots} max_queue={args.max_queue} speculative={args.speculative}", flush=True)
     server.run()
+    if service.drained is False:
+        print(f"error: the drain limit ({args.drain_seconds:g} s) was reached with images unfinished", file=sys.stderr)
+        return 1
     return 0

@@ -93,6 +93,7 @@ class ImageService:
         self.scheduler = Scheduler(model, config.slots, config.max_queue, config.preview_rows,
                                    **({"speculative": config.speculative} if config.speculative else {}))
         self.accepting = True
+        self.drained: bool | None = None  # set by stop(): whether every accepted image finished
         self.metrics = Metrics({
             "vqgen_queue_depth": ("requests waiting for a slot", lambda: self.scheduler.queue_depth),
             "vqgen_rows_in_use": ("decode cache rows in use (a guided image holds two)", lambda: self.scheduler.rows_in_use),
@@ -122,7 +123,7 @@ class ImageService:
         deadline = time.monotonic() + (self.config.drain_seconds if timeout is None else timeout)
         while self.busy and time.monotonic() < deadline and self._engine is not None:
             time.sleep(0.01)
-        drained = not self.busy
+        drained = self.drained = not self.busy
         self._stop.set()
         if self._engine is not None:
             self._engine.join()
