@@ -36,6 +36,12 @@ positions; under guidance its two rows (a linked pair) advance together. Eagerly
 images leave the batch (``KVCache.keep`` moves their rows behind the others), so they stop
 costing compute; compiled, the batch keeps its shape so the graph is recorded once. The loop
 reads the accepted counts on the host once per window, to know which images finished.
+
+One implementation of the window math: ``Windows.step`` verifies one forward's windows, redraws
+at the first rejection and drafts the next windows, for any set of images at their own
+positions (each with its own prior). ``speculative_decode`` (``generate``'s loop) and the
+server's continuous-batching scheduler (``vqgen.serve``), where images join and leave between
+windows, both drive it; each owns its forward, its guidance and the images' state.
 """
 
 from __future__ import annotations
@@ -86,7 +92,10 @@ def window_logits(model: Transformer, cache: KVCache, codes: Tensor, input_pos: 
     return model.decode_step(codes, input_pos, cache).float()
 
 
-def _draft(codes: Tensor, pos: Tensor, covered: Tensor, jacobi: Tensor, u: Tensor, width: int, start: Tensor | None) -> Tensor:
+def _draft(
+    codes: Tensor, pos: Tensor, covered: Tensor, jacobi: Tensor, u: Tensor, width: int, start: Tensor | None,
+    copy: Tensor | None = None,
+) -> Tensor:
     """Write drafts at window positions pos [A, W] into codes [A, N + W]; return the
     distribution each was drawn from, q [A, W, V].
 
@@ -94,7 +103,8 @@ def _draft(codes: Tensor, pos: Tensor, covered: Tensor, jacobi: Tensor, u: Tenso
     jacobi [A, W, V]; later ones are fresh. u [A, W]: each position's draft uniform. A fresh
     position copies the nearest code above it that is not fresh itself (in the first row, the
     last code before the fresh ones; at position 0, ``start``), as a point mass; with
-    ``start=None`` (the "uniform" prior) it is a uniformly random code.
+    ``start=None`` (the "uniform" prior) it is a uniformly random code. ``copy`` [A] (bool):
+    the rows that copy when not all do (the others draw fresh positions uniformly).
     """
     vocab = jacobi.shape[-1]
     fresh = pos >= covered[:, None]
@@ -103,13 +113,80 @@ def _draft(codes: Tensor, pos: Tensor, covered: Tensor, jacobi: Tensor, u: Tenso
     codes.scatter_(1, pos, drafts)  # the Jacobi drafts first: fresh positions below may copy them
     if start is None:
         return q
+    copied = fresh if copy is None else fresh & copy[:, None]
     rows_up = ((pos - covered[:, None] + width) // width).clamp(min=1)
     up = pos - rows_up * width
     source = torch.where(up >= 0, up, covered[:, None] - 1)  # < covered: accepted, or drafted just now from p
     copies = torch.where(source >= 0, codes.gather(1, source.clamp(min=0)), start)
-    drafts = torch.where(fresh, copies, drafts)
+    drafts = torch.where(copied, copies, drafts)
     codes.scatter_(1, pos, drafts)
-    return torch.where(fresh[..., None], F.one_hot(drafts, vocab).to(q.dtype), q)
+    return torch.where(copied[..., None], F.one_hot(drafts, vocab).to(q.dtype), q)
+
+
+class Windows:
+    """The window math of a set of images, each at its own position: one forward's verification,
+    the redraw at the first rejection and the next window's drafts. ``speculative_decode`` and
+    the server's scheduler (``vqgen.serve``) both drive it; they own the forward and the state.
+
+    The state is per image, in the order of the forward's images: codes [A, N + W] (the accepted
+    codes, then the window's drafts), start [A] (the codes accepted: the window's first
+    position), q [A, W, V] (the distribution each draft was drawn from) and uniforms
+    [A, N + W, 3] (each position's draft, acceptance and redraw uniforms, from the image's seed:
+    ``draw_uniforms([seed], 3 * (N + W))``). ``rows``: the most images a step may hold.
+    ``guess``: the draft at position 0 (``cached_start_guess``), or None where no image copies
+    (the "uniform" prior). A ``copy`` [A] (bool) argument picks the images that copy ("above")
+    when not all do.
+    """
+
+    def __init__(self, model: Transformer, window: int, rows: int, guess: Tensor | None):
+        device = model.bos.device
+        self.length, self.width, self.vocab = model.cfg.seq_len, model.cfg.grid[1], model.cfg.vocab_size
+        self.slots = torch.arange(window, device=device)  # [W]
+        self.lanes = torch.arange(rows, device=device)  # row indices, for picking each image's own slot
+        self.guess = guess
+
+    def positions(self, start: Tensor) -> Tensor:
+        """start [A] -> the windows' positions [A, W]."""
+        return start[:, None] + self.slots
+
+    def open(self, codes: Tensor, uniforms: Tensor, copy: Tensor | None = None) -> Tensor:
+        """Draft the first window of images that have accepted nothing yet into codes [A, N + W];
+        -> q [A, W, V]."""
+        (A, W), V = (len(codes), len(self.slots)), self.vocab
+        uniform = torch.full((A, W, V), 1 / V, device=codes.device)
+        return _draft(codes, self.slots.expand(A, W), codes.new_zeros(A), uniform, uniforms[:, :W, 0], self.width, self.guess, copy)
+
+    def step(
+        self, p: Tensor, q: Tensor, codes: Tensor, pos: Tensor, uniforms: Tensor, copy: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One window step: the forward gave p [A, W, V] at the windows' positions pos [A, W]
+        (its distribution at every position, given the codes before it in the window). Keep the
+        leading accepted drafts and a redraw at the first rejection in codes, and draft the next
+        window there -> (start [A] after the accepted codes, at most N; its drafts' q [A, W, V])."""
+        A, W = pos.shape
+        rows = self.lanes[:A]
+        # verify left to right: the leading accepted drafts, then a redraw at the first rejection
+        drafts = codes.gather(1, pos)  # [A, W]
+        u = uniforms[rows[:, None], pos]  # [A, W, 3]
+        p_x, q_x = (dist.gather(-1, drafts[..., None])[..., 0] for dist in (p, q))  # [A, W]
+        accepted = (u[..., 1] * q_x < p_x).long().cumprod(1).sum(1)  # [A]
+        rejected = accepted < W
+        at = accepted.clamp(max=W - 1)  # [A]: the first rejected slot
+        p_at = p[rows, at]  # [A, V]
+        residual = (p_at - q[rows, at]).clamp(min=0)  # norm(max(0, p - q)), unnormalised
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p = q up to rounding: p is exact
+        redraw = inverse_cdf(residual, u[rows, at, 2])  # [A]
+        codes[rows, pos[rows, at]] = torch.where(rejected, redraw, drafts[rows, at])
+        advance = accepted + rejected.long()
+        before = pos[:, 0]
+        start = (before + advance).clamp(max=self.length)
+
+        # the next window: slots this forward covered draft from its p (Jacobi), fresh ones from the prior
+        source = (advance[:, None] + self.slots).clamp(max=W - 1)  # [A, W]: each next slot's slot in this window
+        new_pos = self.positions(start)
+        q = _draft(codes, new_pos, before + W, p[rows[:, None], source], uniforms[rows[:, None], new_pos, 0], self.width,
+                   self.guess, copy)
+        return start, q
 
 
 def speculative_decode(
@@ -138,48 +215,25 @@ def speculative_decode(
     """
     if prior not in PRIORS:
         raise ValueError(f"unknown draft prior {prior!r}; choose one of {list(PRIORS)}")
-    N, width, V = model.cfg.seq_len, model.cfg.grid[1], model.cfg.vocab_size
-    W, B, device = window, len(seeds), model.bos.device
+    N, W, B, device = model.cfg.seq_len, window, len(seeds), model.bos.device
     streams = 2 if guided else 1
     # each position's draft, acceptance and redraw uniforms [B, N + W, 3]
     uniforms = draw_uniforms(seeds, 3 * (N + W)).to(device).view(B, N + W, 3)
     codes = torch.zeros(B, N + W, dtype=torch.long, device=device)  # accepted codes, then the drafts (W slack slots)
     start = torch.zeros(B, dtype=torch.long, device=device)  # codes accepted = the window's first position
-    slots = torch.arange(W, device=device)
-    lanes = torch.arange(B, device=device)  # row indices, for picking each row's own slot
     out = torch.zeros(B, N, dtype=torch.long, device=device)
     forwards = torch.zeros(B, dtype=torch.long)
     images = torch.arange(B)  # the image in each row
 
     guess = cached_start_guess(model, cache.layers[0].k.dtype) if prior == "above" else None
-    q = _draft(codes, slots.expand(B, W), start, torch.full((B, W, V), 1 / V, device=device), uniforms[:, :W, 0], width, guess)
+    windows = Windows(model, W, B, guess)
+    q = windows.open(codes, uniforms)
     while True:
-        A = len(images)
-        rows = lanes[:A]
-        pos = start[:, None] + slots  # [A, W]
+        pos = windows.positions(start)  # [A, W]
         inputs = codes.gather(1, (pos - 1).clamp(min=0))  # the code before each position
         logits = step(model, cache, repeat(inputs, "a w -> (a s) w", s=streams), repeat(pos, "a w -> (a s) w", s=streams))
         p = probabilities(guide(logits, scales[pos.clamp(max=N - 1)][..., None], guided), temperature, top_k, top_p)  # [A, W, V]
-
-        # verify left to right: the leading accepted drafts, then a redraw at the first rejection
-        drafts = codes.gather(1, pos)  # [A, W]
-        u = uniforms[rows[:, None], pos]  # [A, W, 3]
-        p_x, q_x = (dist.gather(-1, drafts[..., None])[..., 0] for dist in (p, q))  # [A, W]
-        accepted = (u[..., 1] * q_x < p_x).long().cumprod(1).sum(1)  # [A]
-        rejected = accepted < W
-        at = accepted.clamp(max=W - 1)  # [A]: the first rejected slot
-        p_at = p[rows, at]  # [A, V]
-        residual = (p_at - q[rows, at]).clamp(min=0)  # norm(max(0, p - q)), unnormalised
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p = q up to rounding: p is exact
-        redraw = inverse_cdf(residual, u[rows, at, 2])  # [A]
-        codes[rows, pos[rows, at]] = torch.where(rejected, redraw, drafts[rows, at])
-        advance = accepted + rejected.long()
-        before, start = start, (start + advance).clamp(max=N)
-
-        # the next window: slots this forward covered draft from its p (Jacobi), fresh ones from the prior
-        source = (advance[:, None] + slots).clamp(max=W - 1)  # [A, W]: each next slot's slot in this window
-        new_pos = start[:, None] + slots
-        q = _draft(codes, new_pos, before + W, p[rows[:, None], source], uniforms[rows[:, None], new_pos, 0], width, guess)
+        before, (start, q) = start, windows.step(p, q, codes, pos, uniforms)
 
         was, now = torch.stack([before, start]).cpu()  # the one host read per window
         forwards[images] += (was < N).long()
