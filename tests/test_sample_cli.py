@@ -335,7 +335,7 @@ def test_bad_jsonl_lines_are_named(line, message, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--checkpoint", "nowhere", "--prompt", "a red circle"], "checkpoint directory not found: nowhere"),
+        (["--checkpoint", "nowhere", "--prompt", "a red circle"], "checkpoint 'nowhere': no such local path"),
         (["--prompt", "a big red circle " * 20], "over the text encoder's limit of 24"),
     ],
 )
@@ -404,13 +404,14 @@ def test_pipeline_refuses_a_tokenizer_of_another_codebook(run, tmp_path):
 
 
 def test_a_run_directory_resolves_to_its_transformer(tmp_path):
-    from vqgen.sampling.cli import transformer_dir
+    from vqgen.checkpoint import find_export
 
     (tmp_path / "transformer").mkdir()
     for config in (tmp_path / "config.json", tmp_path / "transformer" / "config.json"):  # the run's, the model's
         config.write_text("{}")
-    assert transformer_dir(tmp_path) == tmp_path / "transformer"
-    assert transformer_dir(tmp_path / "transformer") == tmp_path / "transformer"
+    assert find_export(tmp_path, "transformer") == tmp_path / "transformer"
+    assert find_export(tmp_path / "transformer", "transformer") == tmp_path / "transformer"
+    assert find_export(tmp_path, "tokenizer") == tmp_path  # no tokenizer/ here: the path itself
 
 
 def test_pipeline_rejects_too_long_prompts(pipe):

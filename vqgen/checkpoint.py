@@ -1,7 +1,9 @@
 """Checkpoint directories: exported ones (``config.json`` + ``model.safetensors``) and the
 training checkpoints of a run (``<out_dir>/checkpoints/step_XXXXXXXX/``), read here without
 Accelerate, so that evaluation reads them without the training code (``vqgen.train``
-writes them).
+writes them). Exports are found by name (a local directory or a Hugging Face Hub repo,
+:func:`resolve_checkpoint`) and shared through the Hub (:func:`push_run`,
+``python -m vqgen.checkpoint push``).
 
 Every file is written atomically (``vqgen.files``), so a crash mid-write never leaves a
 half-written checkpoint behind. Loading never unpickles anything: weights are
@@ -10,8 +12,12 @@ safetensors, configs are JSON, and a mismatch between the two names the offendin
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import re
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -212,3 +218,132 @@ def checkpoint_state(path: str | Path, weights: Literal["raw", "ema"] = "raw") -
             raise CheckpointError(f"{path} has no {EMA_FILE}: its run kept no EMA (ema_decay 0); use its raw weights")
         state |= load_weights(path / EMA_FILE)  # parameters only: buffers stay as trained, as in the export
     return state
+
+
+# --------------------------------------------------------------------------------------
+# Exports by name, and on the Hugging Face Hub. A run layout: <run>/{transformer, tokenizer}/,
+#   each an export (EXPORT_FILES); a Hub repo holds the same layout, or one export at its root.
+# --------------------------------------------------------------------------------------
+
+EXPORT_FILES = ("config.json", "model.safetensors")
+# what a snapshot fetches: exact names, since fnmatch's * would also match transformer/checkpoints/...
+EXPORT_PATTERNS = [f"{sub}{name}" for sub in ("", "transformer/", "tokenizer/") for name in EXPORT_FILES]
+_REPO_ID = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>\S+))?")  # owner/name[@revision]
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    """A checkpoint by name -> a local directory: an existing local path as it is; otherwise a
+    Hugging Face Hub repo id, ``owner/name`` or ``owner/name@revision`` (a branch, tag or commit),
+    fetched by ``huggingface_hub.snapshot_download`` into the Hub cache (``HF_HUB_CACHE`` /
+    ``HF_HOME``; the cache alone under ``HF_HUB_OFFLINE=1``). Only the exports come down
+    (``EXPORT_PATTERNS``), never training checkpoints. Raises ``CheckpointError`` naming what was tried."""
+    path = Path(name)
+    if path.exists():
+        return path
+    tried = f"checkpoint {str(name)!r}: no such local path ({path.absolute()})"
+    match = _REPO_ID.fullmatch(str(name))
+    if match is None:
+        raise CheckpointError(f"{tried}, and it is not a Hugging Face Hub repo id (owner/name or owner/name@revision)")
+    from huggingface_hub import constants, snapshot_download  # here: only a name that is no local path needs it
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo, revision = match["repo"], match["revision"]
+    at = f" (revision {revision!r})" if revision else ""
+    try:
+        snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=EXPORT_PATTERNS))
+    except HFValidationError as e:
+        raise CheckpointError(f"{tried}, and it is not a valid Hugging Face Hub repo id: {e}") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{tried}; Hub repo {repo!r} has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{tried}; Hub repo {repo!r} was not found (a private repo needs `hf auth login`)") from None
+    except LocalEntryNotFoundError as e:
+        why = ("HF_HUB_OFFLINE is set: fetch it once online, or give a local directory" if constants.HF_HUB_OFFLINE
+               else f"the Hub could not be reached: {e}")
+        raise CheckpointError(f"{tried}; Hub repo {repo!r}{at} is not in the Hugging Face cache "
+                              f"({constants.HF_HUB_CACHE}) and {why}") from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"{tried}; fetching Hub repo {repo!r}{at} failed: {e}") from None
+    if not any((snapshot / sub / "config.json").is_file() for sub in ("", "transformer", "tokenizer")):
+        raise CheckpointError(f"Hub repo {repo!r}{at} ({snapshot}) holds no vqgen export: config.json + "
+                              "model.safetensors at its root, or in transformer/ and tokenizer/")
+    return snapshot
+
+
+def find_export(path: Path, kind: str) -> Path:
+    """The ``kind`` ("transformer", "tokenizer") export in ``path``: ``path/kind`` when ``path`` is a run
+    layout holding one (a run directory has a ``config.json`` of its own, the run config), else ``path``."""
+    return path / kind if (path / kind / "config.json").is_file() else path
+
+
+def trained_tokenizer(config: dict[str, Any], transformer_dir: Path, from_hub: bool = False) -> Path:
+    """The tokenizer export a transformer export (its ``config``, from ``load_config_json``) was trained
+    with: the path its config records, or the run layout's ``tokenizer/`` beside it when that path is
+    gone (the run moved) or, for a Hub snapshot (``from_hub``), is the training machine's."""
+    beside = transformer_dir.parent / "tokenizer"
+    if from_hub:
+        if not (beside / "config.json").is_file():
+            raise CheckpointError(f"{transformer_dir} comes from the Hub without a tokenizer/ beside it (the run "
+                                  "layout: transformer/, tokenizer/); give the tokenizer (--tokenizer, tokenizer_dir)")
+        return beside
+    recorded = config.get("tokenizer")
+    if not recorded:
+        raise CheckpointError(f"{transformer_dir}/config.json names no tokenizer; give it (--tokenizer, tokenizer_dir)")
+    return Path(recorded) if Path(recorded).is_dir() else beside
+
+
+def push_run(checkpoint: str | Path, repo: str, private: bool = False, message: str | None = None) -> str:
+    """Upload the exports of a run (a run directory, or a transformer export) to the Hub repo
+    ``repo`` (created if missing) in one commit, laid out as a run: ``transformer/`` and the
+    tokenizer it was trained with as ``tokenizer/``, each ``config.json`` + ``model.safetensors``;
+    nothing of training state (``checkpoints/``, optimizer, EMA files). -> the commit's URL."""
+    transformer = find_export(Path(checkpoint), "transformer")
+    config = load_config_json(transformer, "transformer")
+    tokenizer = trained_tokenizer(config, transformer)
+    load_config_json(tokenizer, "tokenizer")
+    files = {f"{kind}/{name}": directory / name
+             for kind, directory in (("transformer", transformer), ("tokenizer", tokenizer)) for name in EXPORT_FILES}
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise CheckpointError(f"cannot push {checkpoint}: the export is incomplete, missing {', '.join(missing)}")
+    encoder = (config.get("transformer") or {}).get("text_encoder", "")
+    if encoder and Path(encoder).expanduser().exists():
+        warnings.warn(f"{transformer} was trained with the text encoder at the local path {encoder!r}: "
+                      "whoever loads it from the Hub needs that encoder at the same path", stacklevel=2)
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi()
+    api.create_repo(repo, private=private, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=path) for name, path in files.items()]
+    commit = api.create_commit(repo, operations, commit_message=message or f"vqgen exports of {checkpoint}")
+    return commit.commit_url
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vqgen.checkpoint push --checkpoint runs/demo --repo you/vqgen-shapes``."""
+    p = argparse.ArgumentParser(prog="python -m vqgen.checkpoint", description="share checkpoints on the Hugging Face Hub")
+    commands = p.add_subparsers(dest="command", required=True)
+    push = commands.add_parser("push", help="upload a run's transformer and tokenizer exports to a Hub repo")
+    push.add_argument("--checkpoint", type=Path, required=True, help="run dir (transformer/, tokenizer/) or transformer dir")
+    push.add_argument("--repo", required=True, help="owner/name of the Hub repo (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--message", help="the commit message")
+    args = p.parse_args(argv)
+    try:
+        url = push_run(args.checkpoint, args.repo, private=args.private, message=args.message)
+    except (CheckpointError, OSError) as e:  # OSError: huggingface_hub's HTTP errors (no login, no rights)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"pushed the exports of {args.checkpoint} to {args.repo}: {url}\n"
+          f"load them with: python sample.py --checkpoint {args.repo} --prompt ... --out grid.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,7 +36,7 @@ from vqgen.eval.fid import fid_kid, inception_features, load_inception
 from vqgen.eval.scene import ATTRIBUTES, adherence
 from vqgen.files import atomic_write_text
 from vqgen.images import to_pil
-from vqgen.sampling.cli import add_setting_arguments, describe, overrides, transformer_dir
+from vqgen.sampling.cli import add_setting_arguments, describe, overrides
 from vqgen.sampling.pipeline import Pipeline
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -59,9 +59,9 @@ def add_adherence_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
     parser.add_argument("--images", type=Path,
                         help="folder of images, scored in sorted name order (with --checkpoint: where to save them)")
-    parser.add_argument("--checkpoint", type=Path,
-                        help="transformer checkpoint (or run dir): generate one image per prompt first, with the "
-                        "sampling settings saved in it unless the flags below set them")
+    parser.add_argument("--checkpoint",
+                        help="transformer checkpoint, run dir or Hub repo id (owner/name[@revision]): generate one "
+                        "image per prompt first, with the sampling settings saved in it unless the flags below set them")
     add_setting_arguments(parser, skip=("num_images",))  # one image per prompt
     parser.add_argument("--batch-size", type=int, default=64, help="(with --checkpoint) images sampled at once")
     parser.add_argument("--json", type=Path, help="also write the scores (and the sampling settings) here as JSON")
@@ -84,7 +84,7 @@ def load_images(folder: Path, count: int, prompts_path: Path) -> list[Image.Imag
 def generate_images(args: argparse.Namespace, prompts: list[str]) -> tuple[list[Image.Image], dict]:
     """One image per prompt from ``args.checkpoint`` -> (images, the effective settings);
     prompt i's image uses seed ``image_seed(seed, i, 0)``, as ``sample.py`` does."""
-    pipeline = Pipeline.from_pretrained(transformer_dir(args.checkpoint))
+    pipeline = Pipeline.from_pretrained(args.checkpoint)
     flagged = overrides(args)
     settings = pipeline.settings(**flagged, num_images=1)
     print(describe(pipeline, settings, flagged), flush=True)

@@ -2,6 +2,7 @@
 
     python sample.py --checkpoint runs/demo --prompt "a big red circle in the top left" --num 4 --out grid.png
     python sample.py --checkpoint runs/demo --prompts prompts.txt --out-dir samples/
+    python sample.py --checkpoint you/vqgen-shapes --prompt "a small blue square" --out grid.png   # a Hub repo
     accelerate launch --num_processes 8 sample.py --checkpoint runs/demo --prompts prompts.jsonl --out-dir samples/
 
 Settings: the sampling section saved with the run (guidance, temperature, top-k/top-p, images
@@ -45,14 +46,6 @@ from vqgen.sampling.jobs import Prompt, blocks, plan, read_prompt_file, run_job,
 from vqgen.sampling.pipeline import Pipeline
 from vqgen.sampling.quantize import MODES
 from vqgen.text import PromptError
-
-
-def transformer_dir(path: Path) -> Path:
-    """Accept a transformer checkpoint or a run directory holding ``transformer/`` (a run
-    directory has a ``config.json`` of its own: the run config)."""
-    if (path / "transformer" / "config.json").is_file():
-        return path / "transformer"
-    return path
 
 
 def setting_type(name: str):
@@ -104,8 +97,9 @@ def describe(pipeline: Pipeline, settings: SamplingSettings, flagged: dict[str, 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="transformer checkpoint dir (or a run dir)")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the one the transformer was trained with)")
+    p.add_argument("--checkpoint", required=True,
+                   help="transformer checkpoint dir, a run dir, or a Hugging Face Hub repo id (owner/name[@revision])")
+    p.add_argument("--tokenizer", help="tokenizer dir or Hub repo id (default: the one the transformer was trained with)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable); \"\" = unconditional")
     src.add_argument("--prompts", type=Path, help="text file (one prompt per line) or .jsonl (see above)")
@@ -139,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts = read_prompt_file(args.prompts)
         else:
             prompts = [Prompt(text) for text in (args.prompt or [""])]
-        pipeline = Pipeline.from_pretrained(transformer_dir(args.checkpoint), args.tokenizer, device=state.device,
+        pipeline = Pipeline.from_pretrained(args.checkpoint, args.tokenizer, device=state.device,
                                             quantize=args.quantize)
         texts = sorted({p.text for p in prompts})
         for k in range(0, len(texts), 256):  # every prompt checked (length) before any sampling, memory flat

@@ -1,8 +1,9 @@
 """Prompts in, images out: the transformer, its tokenizer and its text encoder, loaded together.
 
-``Pipeline.from_pretrained(transformer_dir)`` finds the tokenizer the transformer was trained
-with (recorded in its config) and the text encoder named there, and reads the sampling
-settings the run was trained and scored with (the ``sampling`` section of the run config saved
+``Pipeline.from_pretrained(checkpoint)`` (a transformer export, a run directory, or a Hugging
+Face Hub repo id) finds the tokenizer the transformer was trained with (recorded in its
+config) and the text encoder named there, and reads the sampling settings the run was
+trained and scored with (the ``sampling`` section of the run config saved
 in the export's ``config.json``, as ``SamplingSettings``): they are the defaults of every call,
 overridable one by one.
 ``pipeline(prompts, ...)`` encodes the prompts, samples codes with
@@ -33,12 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vqgen.checkpoint import CheckpointError, load_config_json
+from vqgen.checkpoint import CheckpointError, find_export, load_config_json, resolve_checkpoint, trained_tokenizer
 from vqgen.config import SETTINGS, ConfigError, SamplingSettings
 from vqgen.model import Transformer
 from vqgen.progress import progress_bar
 from vqgen.sampling.generate import generate
-from vqgen.sampling.quantize import quantize as quantize_model, resolve_mode
+from vqgen.sampling.quantize import quantize as quantize_model
+from vqgen.sampling.quantize import resolve_mode
 from vqgen.text import PromptError, TextEncoder
 from vqgen.tokenizer import VQTokenizer
 
@@ -71,26 +73,28 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, transformer_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str | torch.device = "cpu",
+        cls, checkpoint: str | Path, tokenizer_dir: str | Path | None = None, device: str | torch.device = "cpu",
         quantize: str | None = None,
     ) -> Pipeline:
         """Load a transformer checkpoint with its tokenizer (``tokenizer_dir`` overrides the one
         recorded at training time), its text encoder and its sampling settings; checks that
-        the three models fit together. ``quantize`` (``int8``, ``int8-dynamic``, ``int8-weight``)
-        swaps the transformer for a sampling-only int8 copy (:func:`vqgen.sampling.quantize.quantize`).
+        the three models fit together. ``checkpoint`` (and ``tokenizer_dir``) is a transformer
+        export, a run directory holding ``transformer/`` (and ``tokenizer/``), or a Hugging Face
+        Hub repo id ``owner/name[@revision]`` of either (:func:`vqgen.checkpoint.resolve_checkpoint`);
+        a Hub repo's transformer uses the tokenizer in the same snapshot.
+        ``quantize`` (``int8``, ``int8-dynamic``, ``int8-weight``) swaps the transformer for a
+        sampling-only int8 copy (:func:`vqgen.sampling.quantize.quantize`).
 
         The weights are the export's ``model.safetensors``: the EMA weights when the run
         trained with ``ema_decay > 0`` (the training loop exports those), the raw ones otherwise.
         """
-        transformer_dir = Path(transformer_dir)
+        root = resolve_checkpoint(checkpoint)
+        transformer_dir = find_export(root, "transformer")
         config = load_config_json(transformer_dir, "transformer")
-        if tokenizer_dir is None:
-            recorded = config.get("tokenizer")
-            if not recorded:
-                raise CheckpointError(f"{transformer_dir}/config.json names no tokenizer; pass tokenizer_dir")
-            tokenizer_dir = Path(recorded)
-            if not tokenizer_dir.is_dir():  # the run directory moved: look beside the transformer
-                tokenizer_dir = transformer_dir.parent / "tokenizer"
+        if tokenizer_dir is None:  # a name resolved to another path is a Hub snapshot
+            tokenizer_dir = trained_tokenizer(config, transformer_dir, from_hub=root != Path(checkpoint))
+        else:
+            tokenizer_dir = find_export(resolve_checkpoint(tokenizer_dir), "tokenizer")
         defaults = checkpoint_settings(config, str(transformer_dir / "config.json"))
         transformer = Transformer.from_pretrained(transformer_dir, device=device).eval()
         tokenizer = VQTokenizer.from_pretrained(tokenizer_dir, device=device).eval()
