@@ -94,7 +94,8 @@ def test_served_images_equal_sample_py_while_requests_join_and_leave(pipeline, m
         for image, offline in zip(answer["images"], codes):
             assert torch.equal(torch.tensor(image["codes"]), offline), body
         assert [image["settings"]["seed"] for image in answer["images"]] == [image["seed"] for image in answer["images"]]
-        assert all(image["settings"]["speculative"] == 0 and image["weights"] == "raw" for image in answer["images"])
+        assert all(image["settings"]["speculative"] == 0 and image["weights"] == "raw" and image["forwards"] == 36
+                   for image in answer["images"])
     assert served[3]["images"][0]["codes"] == served[0]["images"][0]["codes"]
 
     # sample.py's files for the first two requests: the same pixels
@@ -108,6 +109,18 @@ def test_served_images_equal_sample_py_while_requests_join_and_leave(pipeline, m
         assert len(files) == body["n"]
         for image, file in zip(served[k]["images"], files):
             assert np.array_equal(pixels(image["png"]), np.asarray(Image.open(file).convert("RGB"))), file
+
+
+def test_a_speculative_server_records_its_window_and_equals_offline_windows(pipeline):
+    body = {"prompt": "a large yellow square in the middle", "n": 2, "seed": 8, "return_codes": True}
+    with live_server(pipeline, ServeConfig(slots=2, max_queue=4, speculative=16)) as (url, _):
+        answer = httpx.post(f"{url}/v1/images", json=body, timeout=60).json()
+        info = httpx.get(f"{url}/v1/info", timeout=10).json()
+    codes, _ = pipeline([body["prompt"]], num_images=2, seed=8, speculative=16)
+    assert info["speculative"] == 16
+    for image, offline in zip(answer["images"], codes):
+        assert image["settings"]["speculative"] == 16 and 1 <= image["forwards"] <= 36
+        assert torch.equal(torch.tensor(image["codes"]), offline)
 
 
 def test_a_stream_sends_previews_row_by_row_then_the_image(pipeline):

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 import uvicorn
 
 from vqgen.checkpoint import CheckpointError
-from vqgen.sampling.cli import positive_int, transformer_dir
+from vqgen.sampling.cli import positive_int
 from vqgen.sampling.pipeline import Pipeline
 from vqgen.sampling.quantize import MODES
 from vqgen.serve.app import create_app
@@ -39,8 +38,9 @@ def non_negative_int(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     defaults = ServeConfig()
     p = argparse.ArgumentParser(prog="vqgen serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="transformer checkpoint dir (or a run dir)")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the one the transformer was trained with)")
+    p.add_argument("--checkpoint", required=True,
+                   help="transformer checkpoint dir, a run dir, or a Hugging Face Hub repo id (owner/name[@revision])")
+    p.add_argument("--tokenizer", help="tokenizer dir (default: the one the transformer was trained with)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--slots", type=positive_int, default=defaults.slots,
@@ -79,7 +79,7 @@ class Server(uvicorn.Server):
 
 def build(args: argparse.Namespace) -> tuple[ImageService, Server]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipeline = Pipeline.from_pretrained(transformer_dir(args.checkpoint), args.tokenizer, device=device,
+    pipeline = Pipeline.from_pretrained(args.checkpoint, args.tokenizer, device=device,
                                         quantize=args.quantize)
     config = ServeConfig(slots=args.slots, max_queue=args.max_queue, max_images=args.max_images,
                          preview_rows=args.preview_rows, speculative=args.speculative, drain_seconds=args.drain_seconds)

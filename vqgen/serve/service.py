@@ -90,8 +90,7 @@ class ImageService:
         self.pipeline, self.config = pipeline, config
         model = pipeline.transformer
         self.grid, self.tokens = model.cfg.grid, model.cfg.seq_len
-        self.scheduler = Scheduler(model, config.slots, config.max_queue, config.preview_rows,
-                                   **({"speculative": config.speculative} if config.speculative else {}))
+        self.scheduler = Scheduler(model, config.slots, config.max_queue, config.preview_rows, speculative=config.speculative)
         self.accepting = True
         self.drained: bool | None = None  # set by stop(): whether every accepted image finished
         self.metrics = Metrics({
@@ -233,7 +232,7 @@ class ImageService:
         }
         self.metrics.image(self.tokens, done - arrived)
         return {
-            "index": image.index, "seed": image.seed, "png": png,
+            "index": image.index, "seed": image.seed, "png": png, "forwards": image.job.forwards,
             "settings": {**image.settings.image_settings(), "seed": image.seed},
             "weights": self.pipeline.weights, "checkpoint": self.pipeline.checkpoint,
             "timings": timings,
