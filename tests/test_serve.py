@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serving import live_server, load_pipeline
 
 from vqgen.sampling.cli import main as sample_main
 from vqgen.serve.service import ServeConfig
-
-from serving import live_server, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +112,7 @@ def test_served_images_equal_sample_py_while_requests_join_and_leave(pipeline, m
 
 def test_a_speculative_server_records_its_window_and_equals_offline_windows(pipeline):
     body = {"prompt": "a large yellow square in the middle", "n": 2, "seed": 8, "return_codes": True}
-    with live_server(pipeline, ServeConfig(slots=2, max_queue=4, speculative=16)) as (url, _):
+    with live_server(pipeline, ServeConfig(slots=2, max_queue=4, max_images=2, speculative=16)) as (url, _):
         answer = httpx.post(f"{url}/v1/images", json=body, timeout=60).json()
         info = httpx.get(f"{url}/v1/info", timeout=10).json()
     codes, _ = pipeline([body["prompt"]], num_images=2, seed=8, speculative=16)
@@ -124,7 +123,7 @@ def test_a_speculative_server_records_its_window_and_equals_offline_windows(pipe
 
 
 def test_a_stream_sends_previews_row_by_row_then_the_image(pipeline):
-    with live_server(pipeline, ServeConfig(slots=2, max_queue=4, preview_rows=2)) as (url, service):
+    with live_server(pipeline, ServeConfig(slots=2, max_queue=4, max_images=1, preview_rows=2)) as (url, service):
         with httpx.stream("POST", f"{url}/v1/images/stream", json={"prompt": "a blue ring", "seed": 3}, timeout=60) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             events = sse_events(r.iter_lines())
@@ -157,7 +156,7 @@ def test_a_stream_sends_previews_row_by_row_then_the_image(pipeline):
     ({"prompt": "a red circle", "unconditional": True}, "prompt", "empty prompt"),
 ])
 def test_bad_requests_get_422_naming_the_field(pipeline, body, field, words):
-    with live_server(pipeline, ServeConfig(slots=1, max_queue=2)) as (url, service):
+    with live_server(pipeline, ServeConfig(slots=1, max_queue=8)) as (url, service):
         for route in ("/v1/images", "/v1/images/stream"):
             response = httpx.post(url + route, json=body, timeout=30)
             assert response.status_code == 422, response.text
@@ -195,7 +194,7 @@ def test_the_null_caption_needs_unconditional(pipeline):
 
 
 def test_a_full_queue_gets_503_with_retry_after_at_once_and_accepted_requests_complete(pipeline):
-    with live_server(pipeline, ServeConfig(slots=1, max_queue=2)) as (url, service):
+    with live_server(pipeline, ServeConfig(slots=1, max_queue=2, max_images=1)) as (url, service):
         slowed(service, 0.01)
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             accepted = [pool.submit(httpx.post, f"{url}/v1/images", json={"prompt": "a red circle", "seed": s}, timeout=60)
@@ -215,7 +214,7 @@ def test_a_full_queue_gets_503_with_retry_after_at_once_and_accepted_requests_co
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_rows_within_one_step(pipeline):
-    with live_server(pipeline, ServeConfig(slots=2, max_queue=4, preview_rows=1)) as (url, service):
+    with live_server(pipeline, ServeConfig(slots=2, max_queue=4, max_images=2, preview_rows=1)) as (url, service):
         steps = slowed(service, 0.02)
         with httpx.stream("POST", f"{url}/v1/images/stream", json={"prompt": "a red circle", "n": 2}, timeout=60) as r:
             for line in r.iter_lines():
@@ -235,7 +234,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_rows_within_one_step(pip
 
 
 def test_a_failing_step_fails_its_requests_with_500_and_the_engine_goes_on(pipeline):
-    with live_server(pipeline, ServeConfig(slots=2, max_queue=4)) as (url, service):
+    with live_server(pipeline, ServeConfig(slots=2, max_queue=4, max_images=1)) as (url, service):
         model, calls = service.scheduler.model, [0]
         decode_step = model.decode_step
 
@@ -270,6 +269,11 @@ def test_api_key_is_required_where_set(pipeline):
         assert httpx.post(f"{url}/v1/images", json=body, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
         assert httpx.post(f"{url}/v1/images", json=body, headers={"Authorization": "Bearer s3cret"}, timeout=60).status_code == 200
         assert httpx.get(f"{url}/v1/info", headers={"X-API-Key": "s3cret"}, timeout=10).json()["api_key_required"] is True
+
+
+def test_a_queue_shorter_than_a_request_is_refused_at_start():
+    with pytest.raises(ValueError, match="max_queue \\(2\\) must be >= max_images \\(8\\)"):
+        ServeConfig(max_queue=2)
 
 
 def test_metrics_and_health(pipeline):

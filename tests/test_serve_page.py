@@ -155,7 +155,7 @@ def test_a_422_shows_the_fields_message(browser, server):
 
 
 def test_the_page_asks_for_the_api_key(browser, pipeline):
-    with live_server(pipeline, ServeConfig(slots=2, max_queue=2), api_key=API_KEY) as (url, _):
+    with live_server(pipeline, ServeConfig(slots=2, max_queue=2, max_images=2), api_key=API_KEY) as (url, _):
         browser.get(url + "/")
         browser.execute_script("localStorage.clear()")
         browser.refresh()

@@ -5,6 +5,9 @@
         interleaved; ``--quantize int8`` and ``--speculative W`` add contestants
     python -m vqgen.bench speculative --checkpoint runs/demo/transformer --prompts runs/demo/prompts/two.txt --json spec.json
         speculative against plain decoding on a trained model and prompt sets: forwards, wall clock, adherence
+    python -m vqgen.bench serve --checkpoint runs/demo --json serve.json
+        vqgen serve under 16 concurrent clients against offline sampling at batch 32 and a sequential
+        server; overload, and one client with and without speculative windows
     python -m vqgen.bench gpu [--checkpoint runs/demo/transformer] [--device cpu --quick]
         the GPU check: correctness, training, decode speed and serving on an accelerator,
         section by section, into gpu_check.json and gpu_check.md (see vqgen/bench/gpu.py)
@@ -21,6 +24,12 @@ import sys
 from pathlib import Path
 
 from vqgen.bench import gpu, speculative
+
+try:  # the serving benchmark needs the [serve] extra (fastapi, uvicorn, httpx)
+    from vqgen.bench import serve
+except ImportError as missing:
+    serve = None
+    SERVE_MISSING = f"needs the serve extra (pip install -e '.[serve]'): {missing}"
 from vqgen.bench.sampling import DTYPES, FULL_RECOMPUTE_PREFIX, HF_CACHES, BenchSpec, format_table, run_sampling_bench
 from vqgen.files import atomic_write_text
 from vqgen.model import SIZES
@@ -73,6 +82,9 @@ def run_sampling(args: argparse.Namespace) -> None:
 COMMANDS = {
     "sampling": ("cached sampler (fp32, int8, speculative) vs no cache vs HF generate()", add_sampling_arguments, run_sampling),
     "speculative": ("speculative vs plain decoding on a trained model", speculative.add_arguments, speculative.run),
+    "serve": ("the serving load benchmark: vqgen serve under concurrent clients vs offline sampling",
+              serve.add_arguments if serve else lambda p: None,
+              serve.run if serve else lambda args: sys.exit(f"python -m vqgen.bench serve: {SERVE_MISSING}")),
     "gpu": ("the GPU check: every fast path on an accelerator, section by section", gpu.add_arguments, gpu.run),
 }
 

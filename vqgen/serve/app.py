@@ -121,6 +121,15 @@ def create_app(service: ImageService, api_key: str | None = None) -> FastAPI:
                 return JSONResponse({"error": "a valid API key is required (Authorization: Bearer KEY)"}, status_code=401)
         return await call_next(request)
 
+    def refuse_early(body: ImageRequest) -> JSONResponse | None:
+        """A 503 before any work (encoding the prompt) when the queue cannot take the request now:
+        under overload the excess is answered at once. ``submit`` checks again, atomically."""
+        try:
+            service.check_room(body.n)
+        except Unavailable as e:
+            return JSONResponse({"error": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
+        return None
+
     def admit(body: ImageRequest, on_preview=None) -> list[ImageJob] | JSONResponse:
         """Validate the prompt and settings, encode, queue -> the images, or the error response."""
         if body.unconditional and body.prompt:
@@ -150,7 +159,7 @@ def create_app(service: ImageService, api_key: str | None = None) -> FastAPI:
         body = await parse(request)
         if isinstance(body, JSONResponse):
             return body
-        admitted = await asyncio.to_thread(admit, body)
+        admitted = refuse_early(body) or await asyncio.to_thread(admit, body)
         if isinstance(admitted, JSONResponse):
             metrics.request(admitted.status_code)
             return admitted
@@ -182,7 +191,8 @@ def create_app(service: ImageService, api_key: str | None = None) -> FastAPI:
         def on_preview(index: int, codes: torch.Tensor) -> None:  # on the engine thread
             loop.call_soon_threadsafe(events.put_nowait, (index, codes))
 
-        admitted = await asyncio.to_thread(admit, body, on_preview if service.config.preview_rows else None)
+        admitted = refuse_early(body) or await asyncio.to_thread(
+            admit, body, on_preview if service.config.preview_rows else None)
         if isinstance(admitted, JSONResponse):
             metrics.request(admitted.status_code)
             return admitted

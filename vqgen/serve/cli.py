@@ -12,8 +12,13 @@ otherwise. SIGTERM (or Ctrl-C) stops admitting requests and finishes the accepte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
 import sys
+import threading
+import time
+from collections.abc import Iterator
 
 import torch
 import uvicorn
@@ -75,6 +80,30 @@ class Server(uvicorn.Server):
         self.service.begin_drain()
         super().handle_exit(sig, frame)
         self._captured_signals.clear()  # uvicorn would re-raise it after shutdown: the exit status says it
+
+
+@contextlib.contextmanager
+def serving(service: ImageService, api_key: str | None = None, host: str = "127.0.0.1", startup_s: float = 60.0,
+            log_level: str = "warning") -> Iterator[str]:
+    """``with serving(service) as url:`` the app on a port the OS picks, in a thread of this
+    process (tests, the load benchmark); stopped and drained on exit. Yields ``http://host:port``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    server = Server(uvicorn.Config(create_app(service, api_key), log_level=log_level, timeout_graceful_shutdown=5), service)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="vqgen-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server did not start within {startup_s:g} s")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
 
 
 def build(args: argparse.Namespace) -> tuple[ImageService, Server]:

@@ -67,6 +67,9 @@ class ServeConfig:
         for name in ("max_queue", "preview_rows", "speculative", "drain_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"serve: {name} must be >= 0, got {getattr(self, name)}")
+        if self.max_queue < self.max_images:  # requests wait in the queue until a step boundary admits them
+            raise ValueError(f"serve: max_queue ({self.max_queue}) must be >= max_images ({self.max_images}), "
+                             "or a request of max_images images could never be queued")
 
 
 @dataclass
@@ -162,8 +165,7 @@ class ImageService:
         has seed ``image_seed(settings.seed, 0, i)``; ``on_preview(i, codes [rows, w])`` is
         called from the engine thread. Raises ``Unavailable`` when the queue cannot take them
         all or the service is draining."""
-        if not self.accepting:
-            raise Unavailable("the server is shutting down and admits no new requests", retry_after=5)
+        self.check_room(settings.num_images)
         if settings.num_images > self.config.max_images:
             raise ValueError(f"n={settings.num_images} is over this server's limit of {self.config.max_images}")
         arrived = time.monotonic()
@@ -181,6 +183,15 @@ class ImageService:
             image.job.future.add_done_callback(lambda _, image=image: setattr(image, "sampled", time.monotonic()))
             images.append(image)
         return images
+
+    def check_room(self, n: int) -> None:
+        """Raise ``Unavailable`` if ``n`` more images cannot be queued now, or the service drains."""
+        if not self.accepting:
+            raise Unavailable("the server is shutting down and admits no new requests", retry_after=5)
+        waiting, bound = self.scheduler.queue_depth, self.scheduler.max_queue
+        if waiting + n > bound:
+            raise Unavailable(f"the queue holds {waiting} images, its bound (max_queue={bound}) leaves no room for "
+                              f"{n} more; retry later", retry_after=self.retry_after())
 
     def cancel(self, images: list[ImageJob]) -> None:
         """Drop the request's unfinished images; their rows are free at the next step."""
