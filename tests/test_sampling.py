@@ -1,10 +1,11 @@
+import math
+
 import pytest
 import torch
 from torch import Tensor
 
 from vqgen.config import SamplingConfig
-from vqgen.model import Transformer, TransformerConfig
-from vqgen.model import KVCache
+from vqgen.model import KVCache, Transformer, TransformerConfig
 from vqgen.sampling import (
     draw_uniforms,
     generate,
@@ -252,13 +253,18 @@ def test_compiled_decode_matches_eager(device):
 # Speculative Jacobi decoding
 # --------------------------------------------------------------------------------------
 
-TINY_V, TINY_GRID = 3, (2, 2)  # 3^4 = 81 possible images: the exact distribution is enumerable
+TINY_GRID = (2, 2)
+# codes per head: the softmax head's 3 give 3^4 = 81 possible images, the digit heads' 2 x 2 give
+# 4^4 = 256: either way the exact distribution is enumerable
+TINY_LEVELS = {"softmax": None, "fsq_digits": (2, 2), "fsq_autoregressive": (2, 2)}
 
 
-def tiny_model() -> Transformer:
+def tiny_model(code_head: str = "softmax") -> Transformer:
     torch.manual_seed(3)
+    levels = TINY_LEVELS[code_head]
     cfg = TransformerConfig(dim=32, depth=2, heads=2, kv_heads=2, mlp_ratio=2.0, text_depth=0,
-                            vocab_size=TINY_V, grid=TINY_GRID, text_dim=TEXT_DIM)
+                            vocab_size=math.prod(levels or (3,)), grid=TINY_GRID, text_dim=TEXT_DIM,
+                            code_head=code_head, code_levels=levels)
     model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -274,7 +280,7 @@ def exact_distribution(model, text, mask, cfg_scale, **opts) -> tuple[Tensor, Te
     from vqgen.sampling import probabilities
 
     n = TINY_GRID[0] * TINY_GRID[1]
-    images = torch.tensor(list(product(range(TINY_V), repeat=n)), device=text.device)  # [K, N]
+    images = torch.tensor(list(product(range(model.cfg.vocab_size), repeat=n)), device=text.device)  # [K, N]
     k = len(images)
     cond = model(images, text.expand(k, -1, -1), mask.expand(k, -1))  # [K, N, V]
     uncond = model(images, text.expand(k, -1, -1), torch.zeros_like(mask).expand(k, -1))
@@ -301,9 +307,11 @@ LEVEL = 1e-3  # each test rejects a correct sampler with probability 0.1%
 SPEC_OPTS = dict(cfg_scale=2.0, top_k=2, temperature=0.8)  # guidance and top-k on
 
 
-@pytest.fixture(scope="module")
-def tiny(device):
-    model = tiny_model().to(device)
+@pytest.fixture(scope="module", params=list(TINY_LEVELS))
+def tiny(device, request):
+    """The tiny model of each code head (its logits over V built from digits or not, the
+    sampler must draw from them exactly), with a prompt and its exact image distribution."""
+    model = tiny_model(request.param).to(device)
     g = torch.Generator().manual_seed(4)
     text, mask = on(device, torch.randn(1, 3, TEXT_DIM, generator=g), torch.ones(1, 3, dtype=torch.bool))
     images, probs = exact_distribution(model, text, mask, SPEC_OPTS["cfg_scale"], top_k=2, temperature=0.8)

@@ -23,6 +23,7 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -129,8 +130,15 @@ class TransformerConfig:
     A run config's ``model:`` section is one, written as a named size (``model.size``, a key of
     ``SIZES``; default B) with the fields it sets on top; the size's values fill the rest, so
     the resolved config shows the architecture the run builds. ``vocab_size``, ``grid`` and
-    ``text_dim`` belong to the tokenizer and the text encoder: a run config leaves them unset,
-    and ``complete`` fills them in when the transformer is built.
+    ``text_dim`` belong to the tokenizer and the text encoder, as do ``code_levels`` (an FSQ
+    tokenizer's levels): a run config leaves them unset, and ``complete`` fills them in when the
+    transformer is built.
+
+    ``code_head`` says how a code enters and leaves the model (``vqgen.model.code_head``):
+    ``softmax`` gives every code id its own embedding and logit; ``fsq_digits`` and
+    ``fsq_autoregressive`` read an FSQ code as its per-dimension digits (embedding = sum of
+    digit embeddings; p(code) = prod over digits of p(digit), independent or each given the
+    digits before it), so a code never seen in training is built from digits that were.
     """
 
     dim: int
@@ -146,10 +154,16 @@ class TransformerConfig:
     vocab_size: int | None = None  # the tokenizer's codebook size
     grid: tuple[int, int] | None = None  # the tokenizer's (h, w) code grid: h * w codes in raster order
     text_dim: int | None = None  # the width of the text encoder's embeddings
+    code_head: Literal["softmax", "fsq_digits", "fsq_autoregressive"] = "softmax"
+    # an FSQ tokenizer's levels: code id = sum_d digit_d * prod(code_levels[:d]); None for a VQ codebook
+    code_levels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.grid is not None:
             self.grid = tuple(self.grid)
+        if self.code_levels is not None:
+            self.code_levels = tuple(self.code_levels)
+        self._check_code_head()
         checks = [
             (self.dim % self.heads == 0, f"dim ({self.dim}) must be divisible by heads ({self.heads})"),
             (self.heads % self.kv_heads == 0, f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})"),
@@ -160,15 +174,34 @@ class TransformerConfig:
             if not ok:
                 raise ConfigError(f"model config: {message}")
 
+    def _check_code_head(self) -> None:
+        """A digit head needs the tokenizer's FSQ levels, and they must make up its codebook."""
+        levels = self.code_levels
+        if levels is not None and (min(levels, default=0) < 2 or self.vocab_size not in (None, math.prod(levels))):
+            raise ConfigError(
+                f"model config: code_levels {list(levels)} must each be >= 2, with the codebook size "
+                f"vocab_size ({self.vocab_size}) as their product"
+            )
+        if self.code_head != "softmax" and self.vocab_size is not None and levels is None:
+            raise ConfigError(
+                f"config key 'model.code_head' is {self.code_head!r}, which reads each code as FSQ digits, but the "
+                f"tokenizer's {self.vocab_size} codes have none (it is not an FSQ tokenizer); use model.code_head=softmax, "
+                "or train the transformer over a tokenizer with tokenizer.quantizer=fsq"
+            )
+
     @classmethod
     def from_size(cls, size: str, **fields: Any) -> TransformerConfig:
         """The named size ``SIZES[size]`` with ``fields`` set on top (see ``sized``)."""
         return cls(**sized(size, fields))
 
-    def complete(self, vocab_size: int, grid: tuple[int, int], text_dim: int) -> TransformerConfig:
-        """This architecture for a tokenizer's codebook and grid and a text encoder's width; a
-        field the config already sets must agree with them."""
-        given = {"vocab_size": vocab_size, "grid": tuple(grid), "text_dim": text_dim}
+    def complete(
+        self, vocab_size: int, grid: tuple[int, int], text_dim: int, code_levels: Sequence[int] | None = None
+    ) -> TransformerConfig:
+        """This architecture for a tokenizer's codebook, grid and FSQ levels (None for a VQ
+        codebook: ``VQTokenizer.code_levels``) and a text encoder's width; a field the config
+        already sets must agree with them."""
+        levels = None if code_levels is None else tuple(code_levels)
+        given = {"vocab_size": vocab_size, "grid": tuple(grid), "text_dim": text_dim, "code_levels": levels}
         for name, value in given.items():
             if getattr(self, name) not in (None, value):
                 raise ConfigError(

@@ -25,13 +25,15 @@ same step. Attention against a cache runs in the wider of the model's and the ca
 so a half-precision cache can feed fp32 attention math.
 
 The architecture is one ``TransformerConfig`` (``vqgen.config``, beside the named sizes
-``SIZES``); a checkpoint's ``config.json`` holds it under ``"transformer"``.
+``SIZES``); a checkpoint's ``config.json`` holds it under ``"transformer"``. How codes are
+embedded and scored (one row per code id, or per FSQ digit) is ``code_head.py``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,6 +45,7 @@ from torch import Tensor, nn
 from vqgen.checkpoint import load_architecture, load_config_json, load_state_into, load_weights, save_pretrained
 from vqgen.config import ConfigError, TransformerConfig
 from vqgen.model.cache import KVCache, LayerKV
+from vqgen.model.code_head import code_embedding, code_head, head_output_layer
 
 KIND = "transformer"
 
@@ -228,7 +231,7 @@ class Transformer(nn.Module):
                 "grid, text_dim), the tokenizer's codebook and grid and the text encoder's width"
             )
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_emb = code_embedding(cfg)  # codes [...] -> [..., D] (code_head.py: per id, or per FSQ digit)
         # Absolute 2-D positions (row + column), added to the input: rotary positions tell
         # self-attention how far apart two codes are, but a cross-attention query must know
         # where on the grid it is to read the words that describe that place ("top left").
@@ -241,7 +244,7 @@ class Transformer(nn.Module):
         self.text_norm = nn.RMSNorm(cfg.dim, eps=1e-6)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(cfg.dim, eps=1e-6)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = code_head(cfg)  # [..., D] -> logits [..., V], whichever head
         cos, sin = rope_tables(cfg.grid, cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # [N, Dh/2]
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -274,7 +277,7 @@ class Transformer(nn.Module):
         nn.init.normal_(self.row_emb, std=0.02)
         nn.init.normal_(self.col_emb, std=0.02)
         nn.init.normal_(self.null, std=0.02)
-        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(head_output_layer(self.head).weight)
 
     # -- the text and the forward ------------------------------------------------------
 
@@ -386,13 +389,23 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def check_compatible(self, tokenizer_codebook_size: int, tokenizer_grid: tuple[int, int]) -> None:
-        """Fail early when this model was built for a different tokenizer."""
+    def check_compatible(
+        self, tokenizer_codebook_size: int, tokenizer_grid: tuple[int, int], tokenizer_levels: Sequence[int] | None = None
+    ) -> None:
+        """Fail early when this model was built for a different tokenizer (of another codebook,
+        grid, or, for a digit head, FSQ levels: ``VQTokenizer.code_levels``)."""
         grid = tuple(tokenizer_grid)
         if tokenizer_codebook_size != self.cfg.vocab_size or grid != self.cfg.grid:
             raise ConfigError(
                 f"the transformer expects codebook size {self.cfg.vocab_size} on a {self.cfg.grid[0]}x{self.cfg.grid[1]} "
                 f"grid, but the tokenizer has codebook size {tokenizer_codebook_size} on a {grid[0]}x{grid[1]} grid; "
+                "use the tokenizer this transformer was trained with (training.transformer.tokenizer) or retrain it"
+            )
+        levels = None if tokenizer_levels is None else tuple(tokenizer_levels)
+        if self.cfg.code_head != "softmax" and levels != self.cfg.code_levels:
+            raise ConfigError(
+                f"the transformer's {self.cfg.code_head} head reads codes as FSQ digits of levels "
+                f"{list(self.cfg.code_levels)}, but the tokenizer's codes have levels {None if levels is None else list(levels)}; "
                 "use the tokenizer this transformer was trained with (training.transformer.tokenizer) or retrain it"
             )
 

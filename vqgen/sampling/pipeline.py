@@ -98,7 +98,7 @@ class Pipeline:
         defaults = checkpoint_settings(config, str(transformer_dir / "config.json"))
         transformer = Transformer.from_pretrained(transformer_dir, device=device).eval()
         tokenizer = VQTokenizer.from_pretrained(tokenizer_dir, device=device).eval()
-        transformer.check_compatible(tokenizer.codebook_size, tokenizer.grid)
+        transformer.check_compatible(tokenizer.codebook_size, tokenizer.grid, tokenizer.code_levels)
         if quantize:
             transformer = quantize_model(transformer, quantize)
         encoder = TextEncoder(transformer.cfg.text_encoder, max_length=transformer.cfg.max_text_len, device=device)

@@ -229,6 +229,13 @@ class VQTokenizer(nn.Module):
         return int(self.quantizer.codebook_size)
 
     @property
+    def code_levels(self) -> list[int] | None:
+        """An FSQ codebook's levels, None for a VQ one: FSQ numbers code ids in mixed radix over
+        them, least significant first (code = sum_d digit_d * prod(levels[:d])), which the
+        transformer's digit heads read (``TransformerConfig.code_head``)."""
+        return list(self.cfg.fsq_levels) if self.cfg.quantizer == "fsq" else None
+
+    @property
     def grid(self) -> tuple[int, int]:
         side = self.resolution // self.cfg.downsample
         return side, side

@@ -147,7 +147,7 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
         )
     encoder, cache = build_text(cfg, out_dir, shards.captions, accelerator)
 
-    model_cfg = cfg.model.complete(tokenizer.codebook_size, tokenizer.grid, encoder.dim)
+    model_cfg = cfg.model.complete(tokenizer.codebook_size, tokenizer.grid, encoder.dim, tokenizer.code_levels)
     transformer = Transformer(model_cfg)
     accelerator.print(f"transformer: {transformer.num_params() / 1e6:.2f}M parameters, {model_cfg.seq_len} codes per image")
     extra = {"tokenizer": str(tokenizer_dir(cfg, out_dir)), "run": cfg.to_dict()}
