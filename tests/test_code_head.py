@@ -214,3 +214,22 @@ def test_the_option_is_a_run_config_key():
                                           r"'fsq_autoregressive'\]"):
         load_config(shapes, ["model.code_head=digits"])
 
+
+
+def test_a_checkpoint_from_before_the_code_head_loads_and_resumes_as_softmax(tmp_path):
+    from vqgen.config import resume_changes
+
+    model = random_model("softmax", levels=(V,), grid=GRID)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for name in TransformerConfig.ADDED_FIELDS:
+        del config["transformer"][name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert (loaded.cfg.code_head, loaded.cfg.code_levels) == ("softmax", None)
+    codes, text, mask = batch()
+    assert torch.equal(loaded(codes, text, mask), model(codes, text, mask))
+    saved = {"model": {"dim": 32}}  # a run config written before the field
+    assert resume_changes(saved, {"model": {"dim": 32, "code_head": "softmax", "code_levels": None}}, "transformer") == ([], [])
+    refused, _ = resume_changes(saved, {"model": {"dim": 32, "code_head": "fsq_digits"}}, "transformer")
+    assert refused == ["model.code_head: 'softmax' -> 'fsq_digits'"]

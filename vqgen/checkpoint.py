@@ -124,6 +124,7 @@ def load_architecture(config: dict[str, Any], kind: str, cls: type[T], directory
             f"{source} has no {kind!r} entry holding the architecture: it was written for another model or by "
             "another version of vqgen"
         )
+    entry = {**getattr(cls, "ADDED_FIELDS", {}), **entry}  # fields newer than the checkpoint mean what it did
     names = [f.name for f in dataclasses.fields(cls)]
     problems = [str(unknown_key(key, cls)) for key in sorted(set(entry) - set(names))]
     missing = [name for name in names if name not in entry]

@@ -26,7 +26,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -157,6 +157,10 @@ class TransformerConfig:
     code_head: Literal["softmax", "fsq_digits", "fsq_autoregressive"] = "softmax"
     # an FSQ tokenizer's levels: code id = sum_d digit_d * prod(code_levels[:d]); None for a VQ codebook
     code_levels: tuple[int, ...] | None = None
+
+    # fields added after checkpoints were first written, with the value that computes what a
+    # checkpoint without them was trained to compute: such a checkpoint loads and resumes as it was
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"code_head": "softmax", "code_levels": None}
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -646,6 +650,10 @@ class _Absent:
 ABSENT = _Absent()
 
 
+# run-config keys of fields added later (``TransformerConfig.ADDED_FIELDS``): absent = that value
+ADDED_KEYS = {f"model.{name}": value for name, value in TransformerConfig.ADDED_FIELDS.items()}
+
+
 def resume_changes(saved: dict[str, Any], current: dict[str, Any], kind: str) -> tuple[list[str], list[str]]:
     """Compare the config a run was started with (``saved``, as ``Config.to_dict()`` wrote it)
     with the one it resumes with, for stage ``kind`` ("tokenizer", "transformer", or another
@@ -657,7 +665,7 @@ def resume_changes(saved: dict[str, Any], current: dict[str, Any], kind: str) ->
     before, after = _flatten(saved), _flatten(current)
     refused, allowed = [], []
     for key in [*after, *(k for k in before if k not in after)]:
-        old, new = before.get(key, ABSENT), after.get(key, ABSENT)
+        old, new = before.get(key, ADDED_KEYS.get(key, ABSENT)), after.get(key, ABSENT)
         if old == new or any(fnmatch.fnmatchcase(key, p) for p in ignored):
             continue
         known = old is not ABSENT and new is not ABSENT
