@@ -243,3 +243,18 @@ def test_speculative_cancel_frees_the_rows_by_the_next_step():
     drain(scheduler)
     assert torch.equal(b.future.result(), offline(model, second, 3))
     assert torch.equal(c.future.result(), offline(model, waiting, 3))
+
+
+def test_a_future_cancelled_by_its_owner_leaves_and_the_engine_goes_on():
+    model = small_model()
+    scheduler = Scheduler(model, slots=2, max_queue=4)
+    gone = scheduler.submit(request(0, 1, SETTINGS[0]))
+    kept = scheduler.submit(request(1, 2, SETTINGS[1]))
+    scheduler.step()
+    assert gone.future.cancel()  # as asyncio.wrap_future does when its awaiting task is cancelled
+    waiting = scheduler.submit(request(2, 3, SETTINGS[2]))
+    assert waiting.future.cancel()  # never admitted
+    drain(scheduler)
+    assert scheduler.rows_in_use == 0 and scheduler.queue_depth == 0
+    assert gone.position == 1 and waiting.position == 0
+    assert torch.equal(kept.future.result(), offline(model, kept.request))

@@ -122,8 +122,15 @@ def create_app(service: ImageService, api_key: str | None = None) -> FastAPI:
         return await call_next(request)
 
     def refuse_early(body: ImageRequest) -> JSONResponse | None:
-        """A 503 before any work (encoding the prompt) when the queue cannot take the request now:
-        under overload the excess is answered at once. ``submit`` checks again, atomically."""
+        """What can be refused before any work (encoding the prompt): a 422 for a prompt or ``n``
+        that can never be served, a 503 when the queue cannot take the request now (under
+        overload the excess is answered at once; ``submit`` checks again, atomically)."""
+        if body.unconditional and body.prompt:
+            return field_error("prompt", 'give an empty prompt with "unconditional": true', body.prompt)
+        if not body.unconditional and not body.prompt.strip():
+            return field_error("prompt", 'the prompt is empty; for the null caption send "unconditional": true', body.prompt)
+        if body.n > service.config.max_images:
+            return field_error("n", f"n={body.n} is over this server's limit of {service.config.max_images} images", body.n)
         try:
             service.check_room(body.n)
         except Unavailable as e:
@@ -131,13 +138,7 @@ def create_app(service: ImageService, api_key: str | None = None) -> FastAPI:
         return None
 
     def admit(body: ImageRequest, on_preview=None) -> list[ImageJob] | JSONResponse:
-        """Validate the prompt and settings, encode, queue -> the images, or the error response."""
-        if body.unconditional and body.prompt:
-            return field_error("prompt", 'give an empty prompt with "unconditional": true', body.prompt)
-        if not body.unconditional and not body.prompt.strip():
-            return field_error("prompt", 'the prompt is empty; for the null caption send "unconditional": true', body.prompt)
-        if body.n > service.config.max_images:
-            return field_error("n", f"n={body.n} is over this server's limit of {service.config.max_images} images", body.n)
+        """Encode the prompt and queue its images -> the images, or the error response."""
         try:
             settings = service.settings(**body.overrides())
             text, mask = service.encode(body.prompt)

@@ -33,10 +33,12 @@ request handlers may call from other threads while one thread drives ``step`` (`
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from einops import rearrange, repeat
@@ -72,7 +74,8 @@ class Request:
 class Job:
     """The handle of a submitted request: ``future.result()`` is its codes [h, w] (on the host);
     a failed step sets the step's exception, a cancelled job is cancelled. ``forwards``: the
-    model forwards (steps) the image took part in, N plainly, fewer with windows."""
+    model forwards (steps) the image took part in, N plainly, fewer with windows. Cancelling
+    the future itself is a ``Scheduler.cancel`` too."""
 
     request: Request
     future: Future = field(default_factory=Future)
@@ -81,6 +84,11 @@ class Job:
     forwards: int = 0
     uniforms: Tensor | None = None  # from the seed (set at admission): [N] plainly, [N + W, 3] with windows
     scales: Tensor | None = None  # [N]: guidance per code (set at admission)
+
+    @property
+    def gone(self) -> bool:
+        """Cancelled, through ``Scheduler.cancel`` or by its future's owner: it leaves at the next boundary."""
+        return self.cancelled or self.future.cancelled()
 
 
 class Scheduler:
@@ -170,7 +178,7 @@ class Scheduler:
         requests into the free rows, decode one code (or one window) of every active image, hand
         out finished images and previews. Returns whether anything was decoded. An exception in
         the step fails the requests in it (their futures carry it), and the scheduler goes on."""
-        self._leave([job for job in self.active if job.cancelled])
+        self._leave([job for job in self.active if job.gone])
         self._admit()
         if not self.active:
             return False
@@ -181,7 +189,7 @@ class Scheduler:
             failed = list(self.active)
             self._leave(failed)
             for job in failed:
-                job.future.set_exception(error)
+                _settle(job.future, error=error)
             return True
         self._report(before)
         return True
@@ -206,7 +214,7 @@ class Scheduler:
         if self.windows:
             self.q = self.q[kept]
         for job in jobs:
-            if job.cancelled and not job.future.done():
+            if job.gone:
                 job.future.cancel()
         self._batch = None
 
@@ -214,7 +222,7 @@ class Scheduler:
         """Write queued requests' text into the free rows behind the active ones. A request whose
         text cannot be written fails alone."""
         with self.lock:  # a cancelled request leaves the queue's bound at once
-            for job in [job for job in self.queue if job.cancelled]:
+            for job in [job for job in self.queue if job.gone]:
                 self.queue.remove(job)
                 job.future.cancel()
         free = self.cache.rows - self.rows_in_use
@@ -238,7 +246,7 @@ class Scheduler:
                 else:
                     job.uniforms = draw_uniforms([job.request.seed], self.length)[0].to(device)
             except Exception as error:  # noqa: BLE001 - a bad request fails alone
-                job.future.set_exception(error)
+                _settle(job.future, error=error)
                 continue
             free -= _streams(job)
             self.active.append(job)
@@ -302,15 +310,22 @@ class Scheduler:
         finished = [job for job in self.active if job.position == self.length]
         for b, (job, was) in enumerate(zip(self.active, before)):
             if job.position == self.length:
-                job.future.set_result(self.codes[b, : self.length].view(h, w).cpu())
+                _settle(job.future, self.codes[b, : self.length].view(h, w).cpu())
             elif every and job.request.on_progress and job.position // every > was // every:
                 try:
                     rows = job.position // every * self.preview_rows
                     job.request.on_progress(rearrange(self.codes[b, : rows * w], "(r w) -> r w", w=w).cpu())
                 except Exception as error:  # noqa: BLE001 - a broken listener fails its own request only
-                    job.future.set_exception(error)
+                    _settle(job.future, error=error)
                     job.cancelled = True  # its rows leave at the next boundary
         self._leave(finished)
+
+
+def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Set a job's outcome, unless its owner cancelled the future meanwhile (then it leaves at
+    the next boundary): a consumer's cancel never reaches into the engine."""
+    with contextlib.suppress(InvalidStateError):
+        future.set_exception(error) if error is not None else future.set_result(result)
 
 
 def _streams(job: Job) -> int:

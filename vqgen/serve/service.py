@@ -17,12 +17,14 @@ scheduler makes its codes independent of whatever else is in flight.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,7 +103,7 @@ class ImageService:
             "vqgen_rows_in_use": ("decode cache rows in use (a guided image holds two)", lambda: self.scheduler.rows_in_use),
             "vqgen_cache_rows": ("decode cache rows in all", lambda: self.scheduler.cache.rows),
         })
-        self._render = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqgen-render")
+        self._render = Renderer(pipeline)
         self._stop = threading.Event()
         self._engine: threading.Thread | None = None
 
@@ -133,7 +135,7 @@ class ImageService:
         for job in [*self.scheduler.active, *self.scheduler.queue]:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("the server stopped before this image finished (drain limit reached)"))
-        self._render.shutdown(wait=True)
+        self._render.shutdown()
         return drained
 
     @property
@@ -154,7 +156,7 @@ class ImageService:
     def encode(self, prompt: str) -> tuple[Tensor, Tensor]:
         """A prompt -> (text [L, d], mask [L]) on the render thread; "" is the null caption. A
         prompt the text encoder cannot take raises its ``PromptError``."""
-        text, mask = self._render.submit(self.pipeline.encode, [prompt]).result()  # [1, L, d], [1, L]
+        text, mask = self._render.encode(prompt).result()  # [1, L, d], [1, L]
         return text[0], mask[0]
 
     def submit(
@@ -164,8 +166,9 @@ class ImageService:
         """Queue ``settings.num_images`` images of one encoded prompt, all or none. Image i
         has seed ``image_seed(settings.seed, 0, i)``; ``on_preview(i, codes [rows, w])`` is
         called from the engine thread. Raises ``Unavailable`` when the queue cannot take them
-        all or the service is draining."""
-        self.check_room(settings.num_images)
+        all. A server calls ``check_room`` first, when the request arrives: one that arrived
+        before a drain began is admitted during it."""
+        self._check_queue(settings.num_images)  # a request checked in before a drain began still goes in
         if settings.num_images > self.config.max_images:
             raise ValueError(f"n={settings.num_images} is over this server's limit of {self.config.max_images}")
         arrived = time.monotonic()
@@ -185,9 +188,12 @@ class ImageService:
         return images
 
     def check_room(self, n: int) -> None:
-        """Raise ``Unavailable`` if ``n`` more images cannot be queued now, or the service drains."""
+        """Raise ``Unavailable`` if the service drains, or ``n`` more images cannot be queued now."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and admits no new requests", retry_after=5)
+        self._check_queue(n)
+
+    def _check_queue(self, n: int) -> None:
         waiting, bound = self.scheduler.queue_depth, self.scheduler.max_queue
         if waiting + n > bound:
             raise Unavailable(f"the queue holds {waiting} images, its bound (max_queue={bound}) leaves no room for "
@@ -196,8 +202,7 @@ class ImageService:
     def cancel(self, images: list[ImageJob]) -> None:
         """Drop the request's unfinished images; their rows are free at the next step."""
         for image in images:
-            if not image.job.future.done():
-                self.scheduler.cancel(image.job)
+            self.scheduler.cancel(image.job)  # a finished one is gone already; a cancel changes nothing
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the time the engine takes to work through the
@@ -218,20 +223,8 @@ class ImageService:
 
     def png(self, codes: Tensor) -> Future[str]:
         """Codes [rows, w] (rows <= h: a preview's rows so far) -> a future of the decoded image
-        as base64 PNG. A preview's missing rows repeat its last row, so the tokenizer sees a
-        full grid and the finished part looks as it will."""
-        return self._render.submit(self._png, codes)
-
-    @torch.inference_mode()
-    def _png(self, codes: Tensor) -> str:
-        h = self.grid[0]
-        if len(codes) < h:
-            codes = torch.cat([codes, repeat(codes[-1], "w -> r w", r=h - len(codes))])
-        device = self.pipeline.device
-        image = to_pil(self.pipeline.tokenizer.decode(codes[None].to(device)).clamp(-1, 1))[0]
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return base64.b64encode(buffer.getvalue()).decode()
+        as base64 PNG (see ``Renderer``)."""
+        return self._render.png(codes)
 
     def record(self, image: ImageJob, png: str, done: float) -> dict[str, Any]:
         """The JSON of a finished image: its PNG, seed, settings, weights and timings."""
@@ -248,3 +241,84 @@ class ImageService:
             "weights": self.pipeline.weights, "checkpoint": self.pipeline.checkpoint,
             "timings": timings,
         }
+
+
+class Renderer:
+    """The thread that runs the tokenizer and the text encoder, so neither runs concurrently
+    with itself (Hugging Face fast tokenizers are not thread-safe) and two cores are not split
+    among many small decodes. Decodes are batched: every grid waiting when the thread turns to
+    them goes through ``tokenizer.decode`` at once. A preview's missing rows repeat its last row,
+    so the tokenizer sees a full grid and the finished part looks as it will."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline, self.grid = pipeline, pipeline.transformer.cfg.grid
+        self.jobs: queue.SimpleQueue[tuple[str, Any, Future] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="vqgen-render", daemon=True)
+        self.thread.start()
+
+    def encode(self, prompt: str) -> Future[tuple[Tensor, Tensor]]:
+        """A prompt -> a future of ``pipeline.encode([prompt])``: text [1, L, d], mask [1, L]."""
+        return self._put("encode", prompt)
+
+    def png(self, codes: Tensor) -> Future[str]:
+        """Codes [rows, w], rows <= h -> a future of the image as base64 PNG."""
+        return self._put("png", codes)
+
+    def shutdown(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _put(self, kind: str, payload: Any) -> Future:
+        future: Future = Future()
+        self.jobs.put((kind, payload, future))
+        return future
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            batch = [job]
+            while batch[-1][0] == "png":  # take every decode waiting behind it, up to the next encode
+                try:
+                    nxt = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.jobs.put(None)  # shut down after this batch
+                    break
+                batch.append(nxt)
+            for kind, prompt, future in batch:
+                if kind == "encode":
+                    _settle(future, lambda: self.pipeline.encode([prompt]))
+            decodes = [(codes, future) for kind, codes, future in batch if kind == "png" and not future.cancelled()]
+            if decodes:
+                try:
+                    pngs = self._pngs([codes for codes, _ in decodes])
+                except Exception as error:  # noqa: BLE001 - each waiting request hears of it
+                    for _, future in decodes:
+                        _settle(future, error=error)
+                else:
+                    for (_, future), png in zip(decodes, pngs):
+                        _settle(future, lambda png=png: png)
+
+    @torch.inference_mode()
+    def _pngs(self, grids: list[Tensor]) -> list[str]:
+        h = self.grid[0]
+        full = [torch.cat([g, repeat(g[-1], "w -> r w", r=h - len(g))]) if len(g) < h else g for g in grids]
+        images = self.pipeline.tokenizer.decode(torch.stack(full).to(self.pipeline.device)).clamp(-1, 1)
+        out = []
+        for image in to_pil(images):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            out.append(base64.b64encode(buffer.getvalue()).decode())
+        return out
+
+
+def _settle(future: Future, work: Callable[[], Any] | None = None, error: BaseException | None = None) -> None:
+    """Set ``future`` to what ``work()`` returns (or raises), or to ``error``; a future its
+    owner cancelled meanwhile (a client that went away) is left as it is."""
+    if error is None:
+        try:
+            result = work()
+        except Exception as raised:  # noqa: BLE001 - the caller raises it
+            error = raised
+    with contextlib.suppress(InvalidStateError):
+        future.set_exception(error) if error is not None else future.set_result(result)
