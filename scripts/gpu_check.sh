@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one command: python -m vqgen.bench gpu (docs/benchmarks.md, "GPU check").
 #
-#   scripts/gpu_check.sh                                   # on a GPU: every section, within 8 minutes
+#   scripts/gpu_check.sh                                   # on a GPU: every section, within 9 minutes
 #   scripts/gpu_check.sh --checkpoint runs/demo/transformer
 #   scripts/gpu_check.sh --device cpu --quick              # the CPU smoke run
 #

@@ -46,7 +46,7 @@ def test_every_section_reports_real_values(smoke):
 
     tests = sections["tests"]["values"]
     assert tests["counts"]["passed"] > 10 and tests["counts"]["failed"] == 0 and tests["failures"] == {}
-    assert tests["exactness"] == {"passed": 5, "of": 5}  # the chi-square test, every window and prior
+    assert tests["exactness"] == {"passed": 15, "of": 15}  # the chi-square test, every window, prior and code head
 
     compiled = sections["compile"]["values"]
     assert compiled["images_fp32_tiny"]["images_equal"] == compiled["images_fp32_tiny"]["images"] == 4
@@ -104,7 +104,7 @@ def test_the_markdown_report_has_a_row_per_section_and_per_decode_run(smoke):
     for size in ("B", "L", "XL"):
         for batch in (1, 2):
             assert any(row.startswith(f"| {size} | {batch} | ") for row in rows)
-    assert "| tests | ok |" in markdown and "exactness 5/5" in markdown
+    assert "| tests | ok |" in markdown and "exactness 15/15" in markdown
     assert "| decode B, batch 64: >= 4x HF generate() throughput | n/a | not measured |" in markdown
 
 
