@@ -5,9 +5,10 @@ The HTTP app (``app.py``) is a thin layer over this: it validates a request into
 happens here, on one of two threads besides the app's event loop:
 
 - the *engine* thread runs ``Scheduler.step`` back to back (``Scheduler.run``);
-- the *render* thread encodes prompts and decodes codes into PNGs, one at a time, so the
-  tokenizer and text encoder never run concurrently with themselves (Hugging Face fast
-  tokenizers are not thread-safe) and two cores are not split among many decodes.
+- the *render* thread (``Renderer``) encodes prompts one at a time and decodes codes into
+  PNGs in batches, so the tokenizer and text encoder never run concurrently with themselves
+  (Hugging Face fast tokenizers are not thread-safe) and the cores are not split among many
+  small decodes.
 
 An image of a request with prompt P, seed S and settings is image i of ``sample.py --prompt P
 --seed S --num n`` with the same settings: its seed is ``image_seed(S, 0, i)``, and the
