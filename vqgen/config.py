@@ -145,7 +145,7 @@ class TransformerConfig:
     depth: int
     heads: int
     kv_heads: int  # grouped-query attention when < heads
-    mlp_ratio: float  # SwiGLU hidden width = mlp_ratio * dim, rounded up to a multiple of 64
+    mlp_ratio: float  # SwiGLU hidden width = mlp_ratio * dim, rounded up to a multiple of 64 (unless mlp_width)
     text_depth: int  # trainable bidirectional self-attention blocks over the projected caption
     rope_base: float = 10000.0  # rotary embeddings: 2-D over the code grid, 1-D along the text
     dropout: float = 0.0
@@ -157,10 +157,17 @@ class TransformerConfig:
     code_head: Literal["softmax", "fsq_digits", "fsq_autoregressive"] = "softmax"
     # an FSQ tokenizer's levels: code id = sum_d digit_d * prod(code_levels[:d]); None for a VQ codebook
     code_levels: tuple[int, ...] | None = None
+    # explicit widths, independent of dim: what a structurally pruned model (vqgen.compress) keeps.
+    # None derives them: head_width = dim // heads, mlp_width from mlp_ratio (the properties
+    # head_dim and mlp_hidden are the widths in effect)
+    head_width: int | None = None  # the width of each attention head's queries, keys and values
+    mlp_width: int | None = None  # the SwiGLU hidden width, overriding mlp_ratio's
 
     # fields added after checkpoints were first written, with the value that computes what a
     # checkpoint without them was trained to compute: such a checkpoint loads and resumes as it was
-    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"code_head": "softmax", "code_levels": None}
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {
+        "code_head": "softmax", "code_levels": None, "head_width": None, "mlp_width": None,
+    }
 
     def __post_init__(self) -> None:
         if self.grid is not None:
@@ -168,10 +175,14 @@ class TransformerConfig:
         if self.code_levels is not None:
             self.code_levels = tuple(self.code_levels)
         self._check_code_head()
+        width = "head_width" if self.head_width is not None else "dim/heads"
         checks = [
-            (self.dim % self.heads == 0, f"dim ({self.dim}) must be divisible by heads ({self.heads})"),
+            (self.head_width is not None or self.dim % self.heads == 0,
+             f"dim ({self.dim}) must be divisible by heads ({self.heads}), or head_width set"),
             (self.heads % self.kv_heads == 0, f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})"),
-            (self.head_dim % 4 == 0, f"head dim dim/heads ({self.head_dim}) must be divisible by 4 for 2-D rotary"),
+            (self.head_dim > 0 and self.head_dim % 4 == 0,
+             f"head dim {width} ({self.head_dim}) must be a positive multiple of 4 for 2-D rotary"),
+            (self.mlp_width is None or self.mlp_width > 0, f"mlp_width must be positive, got {self.mlp_width}"),
             (self.grid is None or (len(self.grid) == 2 and min(self.grid) > 0), f"grid must be (h, w) > 0: {self.grid}"),
         ]
         for ok, message in checks:
@@ -216,11 +227,18 @@ class TransformerConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.heads
+        """The width of each attention head: ``head_width``, or dim // heads."""
+        return self.dim // self.heads if self.head_width is None else self.head_width
+
+    @property
+    def attn_dim(self) -> int:
+        """The width of all heads together (queries, and each attention's output projection input)."""
+        return self.heads * self.head_dim
 
     @property
     def mlp_hidden(self) -> int:
-        return math.ceil(self.mlp_ratio * self.dim / 64) * 64
+        """The SwiGLU hidden width: ``mlp_width``, or mlp_ratio * dim rounded up to a multiple of 64."""
+        return math.ceil(self.mlp_ratio * self.dim / 64) * 64 if self.mlp_width is None else self.mlp_width
 
     @property
     def seq_len(self) -> int:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +37,24 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
 
     atomic_write(Path(path), write)
+
+
+def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_dir)`` on a temporary directory beside ``path``, then rename it to
+    ``path``: readers see the whole directory or none of it. ``path`` must not exist, or be an
+    empty directory (a rename cannot replace a directory holding files)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} already exists and is not an empty directory; choose another or remove it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()  # not mkdtemp: its mode 0700 would stay with the renamed directory
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:

@@ -10,6 +10,10 @@ The text is projected to the model's width and, when
 ``text_depth`` > 0, mixed by bidirectional text blocks; the code inputs carry absolute
 (row, column) embeddings as well as the rotary positions of self-attention.
 
+Every block and text block has ``heads`` heads of width ``cfg.head_dim`` and a SwiGLU of width
+``cfg.mlp_hidden``: dim / heads and mlp_ratio * dim, unless ``head_width`` / ``mlp_width`` set
+them independently of dim, as a structurally pruned model's do (``vqgen.compress``).
+
 Position t of the input holds a learned start embedding (t = 0) or the code t - 1, and its
 output predicts code t, so ``logits[:, t]`` sees ``codes[:, :t]`` and the text. The text
 sequence always begins with a learned null token; dropping a caption (classifier-free
@@ -113,7 +117,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.dim, (cfg.heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.attn_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
     def forward(
@@ -141,9 +145,9 @@ class CrossAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.q = nn.Linear(cfg.dim, cfg.attn_dim, bias=False)
         self.kv = nn.Linear(cfg.dim, 2 * cfg.kv_heads * cfg.head_dim, bias=False)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.attn_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
 
     def text_kv(self, context: Context) -> TextKV:
@@ -184,8 +188,8 @@ class TextBlock(nn.Module):
         super().__init__()
         self.heads = cfg.heads
         self.norm1 = nn.RMSNorm(cfg.dim, eps=1e-6)
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.attn_dim, bias=False)
+        self.proj = nn.Linear(cfg.attn_dim, cfg.dim, bias=False)
         self.norm2, self.mlp = nn.RMSNorm(cfg.dim, eps=1e-6), SwiGLU(cfg.dim, cfg.mlp_hidden)
 
     def forward(self, x: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
