@@ -133,6 +133,7 @@ def _cols(weight: Tensor, keep: Sequence[int], width: int) -> Tensor:
 
 
 def _swiglu(state: dict[str, Tensor], prefix: str, keep: Sequence[int]) -> dict[str, Tensor]:
+    """The SwiGLU weights under ``prefix`` with only channels ``keep``: gate and up rows, down columns."""
     gate, up = state[f"{prefix}.gate_up.weight"].chunk(2)  # [hidden, D] each
     return {f"{prefix}.gate_up.weight": torch.cat([_rows(gate, keep, 1), _rows(up, keep, 1)]),
             f"{prefix}.down.weight": _cols(state[f"{prefix}.down.weight"], keep, 1)}
