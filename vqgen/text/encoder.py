@@ -181,6 +181,10 @@ class TextEncoder:
         return f"TextEncoder({self.id}, dim={self.dim}, device={self.device})"
 
     @torch.no_grad()  # not inference_mode: the embeddings feed a trained projection's backward
+    def fits(self, caption: str) -> bool:
+        """Whether ``caption`` is at most ``max_length`` tokens long (special tokens included)."""
+        return len(self.tokenizer(caption)["input_ids"]) <= self.max_length
+
     def encode(
         self, captions: Sequence[str], truncate: bool = False, allow_empty: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
