@@ -1,4 +1,4 @@
-"""Caption families: disjointness, the parser reading both, rewording, the gap."""
+"""Caption families: disjointness, the parser reading both, rewording, the gap, caption augmentation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vqgen.config import load_config
+from vqgen.config import ConfigError, load_config
 from vqgen.data.shapes import (
     CONNECTIVES,
     FAMILIES,
@@ -153,3 +153,35 @@ def test_adherence_cli_on_a_folder_scores_the_prompts_as_written(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["adherence", "--images", str(tmp_path), "--prompts", str(prompts), str(tmp_path / "again.txt")])
     assert "--images scores one folder against one prompts file; got 2 files" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# Caption augmentation
+# --------------------------------------------------------------------------------------
+
+
+def test_training_captions_stay_in_the_training_family_and_on_their_scene():
+    from vqgen.train.transformer import TrainingCaptions
+
+    stored = [describe(s, random.Random(i)) for i, s in enumerate(scenes(50, seed=11, max_objects=2))]
+    plain = TrainingCaptions(stored)
+    assert plain.all() == sorted(set(stored)) and [plain(j, 5) for j in range(50)] == stored
+    augmented = TrainingCaptions(stored, augmentation=3, data_seed=0, seed=1)
+    assert TrainingCaptions(stored, augmentation=3, data_seed=0, seed=1).wordings == augmented.wordings
+    assert len(augmented.all()) > 150 and set(stored) <= set(augmented.all())
+    assert outside_family(augmented.all(), "train") == []  # the other family stays unseen
+    for j, wordings in enumerate(augmented.wordings):
+        assert len(wordings) == 4 and {parse_caption(w) for w in wordings} == {parse_caption(stored[j])}
+    epochs = [[augmented(j, epoch) for j in range(50)] for epoch in range(4)]
+    assert epochs == [[augmented(j, epoch) for j in range(50)] for epoch in range(4)]  # pure
+    assert len({tuple(e) for e in epochs}) == 4 and {c for e in epochs for c in e} - set(stored)
+
+
+def test_caption_augmentation_is_off_by_default_and_shapes_only():
+    assert load_config(None).data.caption_augmentation == 0
+    assert load_config(SHAPES).data.caption_augmentation == 0
+    assert load_config(SHAPES, ["data.caption_augmentation=2"]).data.caption_augmentation == 2
+    with pytest.raises(ConfigError, match="'data.caption_augmentation' is 2; .* data.kind=shapes only \\(this is 'folder'\\)"):
+        load_config(None, ["data.caption_augmentation=2"])
+    with pytest.raises(ConfigError, match="'data.caption_augmentation' is -1"):
+        load_config(SHAPES, ["data.caption_augmentation=-1"])
