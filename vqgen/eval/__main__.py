@@ -126,8 +126,8 @@ def run_adherence(args: argparse.Namespace) -> None:
         if len(sets) > 1:
             raise ValueError(f"--images scores one folder against one prompts file; got {len(sets)} files")
     families = ("train",) if args.train_wording_only or not args.checkpoint else ("train", "other")
-    strangers = outside_family([p for prompts in sets.values() for p in prompts])
-    if args.checkpoint and "other" in families and strangers:
+    strangers = outside_family([p for prompts in sets.values() for p in prompts]) if "other" in families else []
+    if strangers:
         print(f"note: the prompts use words the training captions never do ({', '.join(map(repr, strangers[:5]))}); "
               "'train' below means the prompts as written")
     generate = Generator(args) if args.checkpoint else None

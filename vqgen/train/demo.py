@@ -49,7 +49,7 @@ from vqgen.files import atomic_write_text
 from vqgen.images import save_grid
 from vqgen.sampling.pipeline import Pipeline
 from vqgen.train.tokenizer import train_tokenizer
-from vqgen.train.transformer import train_transformer
+from vqgen.train.transformer import TrainingCaptions, train_transformer
 
 DEMO_CONFIG = Path("configs") / "shapes.yaml"  # the demo's CPU settings, in the repository
 EVAL_SEED = 10_000  # scenes for evaluation prompts come from a seed training never uses
@@ -167,7 +167,8 @@ def run_demo(cfg: Config, out: Path) -> dict:
 
     pipeline = Pipeline.from_pretrained(out / "transformer")  # samples with the run's sampling settings
     with stage("adherence", seconds):
-        training = set(CodeShards(out / "transformer" / "codes").captions)
+        # every caption training read, augmented wordings included: no evaluation prompt is one of them
+        training = set(TrainingCaptions.from_config(cfg, CodeShards(out / "transformer" / "codes")).all())
         report["adherence"], report["wording"] = {}, {}
         generated = {}  # set -> (prompts, images), for FID
         families = {"train": evaluation_prompts(cfg, training),

@@ -79,6 +79,11 @@ class TrainingCaptions:
                 for j, c in enumerate(captions)
             ]
 
+    @classmethod
+    def from_config(cls, cfg: Config, shards) -> TrainingCaptions:
+        """The captions of ``shards`` under ``data.caption_augmentation``."""
+        return cls(shards.captions, cfg.data.caption_augmentation, cfg.data.seed, cfg.training.transformer.seed)
+
     def all(self) -> list[str]:
         """Every caption training can read, once each, sorted."""
         return sorted({c for wordings in self.wordings for c in wordings})
@@ -139,8 +144,7 @@ def tokenizer_dir(cfg: Config, out_dir: Path) -> Path:
 
 
 def build_text(cfg: Config, out_dir: Path, captions: list[str], accelerator):
-    """The frozen text encoder and an embedding cache holding every training caption
-    (``captions``: each once, in the same order on every process)."""
+    """The frozen text encoder and an embedding cache holding every training caption."""
     encoder = TextEncoder(cfg.model.text_encoder, max_length=cfg.model.max_text_len)
     cache = EmbeddingCache(cfg.training.transformer.text_cache or Path(out_dir) / "text_cache", encoder)
     unique = sorted(set(captions))
@@ -183,7 +187,7 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
             f"but tokenizer {tokenizer_dir(cfg, out_dir)} has {tokenizer.codebook_size} codes on {tokenizer.grid}; "
             "re-encode the data with this tokenizer"
         )
-    captions = TrainingCaptions(shards.captions, cfg.data.caption_augmentation, cfg.data.seed, train_cfg.seed)
+    captions = TrainingCaptions.from_config(cfg, shards)
     encoder, cache = build_text(cfg, out_dir, captions.all(), accelerator)
 
     model_cfg = cfg.model.complete(tokenizer.codebook_size, tokenizer.grid, encoder.dim, tokenizer.code_levels)
