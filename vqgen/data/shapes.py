@@ -387,14 +387,16 @@ _POSITION_NAMES: dict[tuple[int, int], tuple[str, ...]] = {
 }
 
 
+# The prepositions before a bare position name: "at the top", "on the left side", "in the centre".
+_PREPOSITIONS: dict[str, tuple[str, ...]] = {"row": ("at",), "side": ("on", "at"), "area": ("in", "at")}
+
+
 def _where(name: str, rng: random.Random) -> str:
-    """A prepositional phrase for a bare position name: "at the top", "on the left side"
-    (the prepositions are ``_PREPOSITIONS``)."""
+    """A prepositional phrase for a bare position name: "at the top", "on the left side"."""
     if name in ("top", "bottom"):
-        return f"at the {name}"
-    if name.split()[0] in ("left", "right"):
-        return f"{rng.choice(('on', 'at'))} the {name}"
-    return f"{rng.choice(('in', 'at'))} the {name}"
+        return f"{_PREPOSITIONS['row'][0]} the {name}"  # no draw: the only choice
+    kind = "side" if name.split()[0] in ("left", "right") else "area"
+    return f"{rng.choice(_PREPOSITIONS[kind])} the {name}"
 
 # Caption families. ``train`` is the wording of every dataset caption; ``other`` describes the
 # same scenes with the same attribute and position words, in attribute orders and with
@@ -437,7 +439,6 @@ CONNECTIVES: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 _OPENINGS = ("", "an image of ", "a picture of ", "a drawing of ")
-_PREPOSITIONS = ("at", "on", "in")  # before a position name (see _where)
 # what each family joins object phrases with (the train family's in ``_join_train``)
 JOINERS: dict[str, tuple[str, ...]] = {"train": (" and ", ", and ", ", ", "; ", ". "), "other": (" plus ", ", with ")}
 
@@ -529,7 +530,7 @@ def family_words(family: str) -> frozenset[str]:
     texts += [w for choices in CONNECTIVES[family].values() for w in choices]
     texts += list(JOINERS[family]) + list(_OPENINGS if family == "train" else ())
     texts += [w for table in (SIZE_WORDS, COLOUR_WORDS, SHAPE_WORDS, _POSITION_NAMES) for ws in table.values() for w in ws]
-    texts += [*_PREPOSITIONS, "the", "a", "an"]
+    texts += [*(p for choices in _PREPOSITIONS.values() for p in choices), "the", "a", "an"]
     return frozenset(w for text in texts for w in tokenize(text))
 
 
