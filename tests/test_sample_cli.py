@@ -421,6 +421,7 @@ def test_pipeline_rejects_too_long_prompts(pipe):
 
 def test_adherence_cli_generates_with_the_checkpoint_settings_then_scores(run, pipe, tmp_path):
     from vqgen.eval.__main__ import main as eval_main
+    from vqgen.eval.wording import reword
     from vqgen.images import to_pil
 
     prompts = tmp_path / "prompts.txt"
@@ -434,6 +435,15 @@ def test_adherence_cli_generates_with_the_checkpoint_settings_then_scores(run, p
     _, images = pipe(PROMPTS[:3], num_images=1)
     for i, expected in enumerate(to_pil(images)):
         with Image.open(tmp_path / "gen" / f"{i:06d}.png") as saved:
+            assert list(saved.getdata()) == list(expected.getdata())
+    # the same scenes in the other caption family, with the same seeds, and the gap between the two
+    comparison = report["sets"]["prompts"]
+    assert comparison["train"]["exact"] == report["exact"] and comparison["other"]["n"] == 3
+    assert report["gap"] == comparison["gap"] == comparison["other"]["exact"] - comparison["train"]["exact"]
+    other = reword(PROMPTS[:3], "other", fits=pipe.encoder.fits)
+    _, images = pipe(other, num_images=1)
+    for i, expected in enumerate(to_pil(images)):
+        with Image.open(tmp_path / "gen" / "other" / f"{i:06d}.png") as saved:
             assert list(saved.getdata()) == list(expected.getdata())
     with pytest.raises(SystemExit):
         eval_main(["adherence", "--checkpoint", str(run), "--prompts", str(prompts), "--cfg", "nan"])

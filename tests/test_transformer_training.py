@@ -69,6 +69,28 @@ def test_resume_after_sigterm_is_bit_exact(run_dir, sigterm_at):
     assert straight["unigram_loss"] > 0 and json.loads((run_dir / "straight" / "report.json").read_text())["step"] == 6
 
 
+def test_augmented_captions_reach_the_cache_and_resume_bit_exact(run_dir, sigterm_at, monkeypatch):
+    from vqgen.data.codes import CodeShards
+    from vqgen.train import transformer as tt
+
+    read = []
+    pick = tt.TrainingCaptions.__call__
+    monkeypatch.setattr(tt.TrainingCaptions, "__call__", lambda self, j, epoch: read.append(pick(self, j, epoch)) or read[-1])
+    # 3 steps an epoch at batch 32 of 96: the interrupted run resumes in another epoch than it stopped in
+    extra = ("data.caption_augmentation=2", "training.transformer.batch_size=32", "training.transformer.steps=5")
+    straight = tt.train_transformer(config(run_dir, *extra), run_dir / "augmented")
+    stored = set(CodeShards(run_dir / "codes").captions)
+    assert len(read) == 5 * 32 and len(set(read) - stored) > 50  # the extra wordings are read (from the cache)
+
+    with sigterm_at(tt.CodeTextBatches, 2), pytest.raises(KeyboardInterrupt, match="stopped at step 3"):
+        tt.train_transformer(config(run_dir, *extra), run_dir / "augmented_resumed")
+    resumed = tt.train_transformer(config(run_dir, *extra), run_dir / "augmented_resumed")
+    assert resumed["final_loss"] == straight["final_loss"]
+    a = load_weights(run_dir / "augmented" / "model.safetensors")
+    b = load_weights(run_dir / "augmented_resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_rerunning_a_finished_stage_keeps_its_report(run_dir):
     from vqgen.train.transformer import train_transformer
 

@@ -56,6 +56,9 @@ class DataConfig:
     # attribute combinations removed from the training split and kept for the holdout
     # split, e.g. "green triangle", "big circle", "red top left" (see vqgen.data.shapes)
     holdout: list[str] = field(default_factory=list)
+    # transformer training reads each scene under one of 1 + this many training-family wordings
+    # (its caption and others of the same scene, fixed per (seed, index)), chosen per epoch
+    caption_augmentation: int = 0
     # -- real data
     path: str = ""  # image folder, or a glob / brace pattern of WebDataset tar shards
     missing_caption: Literal["skip", "error", "empty"] = "skip"  # empty = unconditional sample
@@ -597,6 +600,12 @@ def validate(cfg: Config) -> None:
     _check_choices(cfg)
     if not 1 <= cfg.data.min_objects <= cfg.data.max_objects:
         raise ConfigError("config keys 'data.min_objects' <= 'data.max_objects' must hold, both >= 1")
+    augmentation = cfg.data.caption_augmentation
+    if augmentation < 0 or (augmentation and cfg.data.kind != "shapes"):
+        raise ConfigError(
+            f"config key 'data.caption_augmentation' is {augmentation}; use 0 (each caption as written) or, "
+            f"for data.kind=shapes only (this is {cfg.data.kind!r}), the number of extra wordings per scene"
+        )
     cond_dropout = cfg.training.transformer.cond_dropout
     if not 0 <= cond_dropout < 1:
         raise ConfigError(f"config key 'training.transformer.cond_dropout' must lie in [0, 1), got {cond_dropout}")
@@ -643,7 +652,7 @@ MAY_CHANGE_ON_RESUME = (
 )
 # sections a stage does not read: the transformer loads a trained tokenizer from its checkpoint
 NOT_READ_BY = {
-    "tokenizer": ("model.*", "training.transformer.*"),
+    "tokenizer": ("model.*", "training.transformer.*", "data.caption_augmentation"),
     "transformer": ("tokenizer.*", "training.tokenizer.*"),
 }
 
@@ -668,8 +677,11 @@ class _Absent:
 ABSENT = _Absent()
 
 
-# run-config keys of fields added later (``TransformerConfig.ADDED_FIELDS``): absent = that value
-ADDED_KEYS = {f"model.{name}": value for name, value in TransformerConfig.ADDED_FIELDS.items()}
+# run-config keys of fields added later (``TransformerConfig.ADDED_FIELDS``, and data keys): absent = that
+# value, which computes what a run saved without them did
+ADDED_KEYS = {f"model.{name}": value for name, value in TransformerConfig.ADDED_FIELDS.items()} | {
+    "data.caption_augmentation": 0,
+}
 
 
 def resume_changes(saved: dict[str, Any], current: dict[str, Any], kind: str) -> tuple[list[str], list[str]]:

@@ -7,8 +7,12 @@ same sample comes back in any order, in any process, on any machine.
 
 Captions use varied English templates, synonyms ("big/large", "top left/upper left",
 "center/middle") and varied attribute and object order, so a text encoder has to read the
-language rather than match a fixed string. ``vqgen.eval.scene.parse_caption`` inverts every
-wording produced here, and ``vqgen.eval.scene.detect`` reads the scene back from pixels.
+language rather than match a fixed string. They come in two disjoint families (``FAMILIES``):
+``train``, the wording of every dataset caption, and ``other``, the same attribute and position
+words in other attribute orders with other connectives, which training never sees and
+evaluation uses to measure how much adherence depends on the training wording.
+``vqgen.eval.scene.parse_caption`` inverts every wording of both, and
+``vqgen.eval.scene.detect`` reads the scene back from pixels.
 
 Hold-out specs such as ``"green triangle"``, ``"big circle"``, ``"red top left"`` or
 ``"center"`` name attribute combinations that the ``train`` split never contains and every
@@ -86,10 +90,10 @@ SIZE_WORDS: dict[str, tuple[str, ...]] = {
 VERTICAL_WORDS: dict[str, int] = {"top": 0, "upper": 0, "bottom": 2, "lower": 2}
 HORIZONTAL_WORDS: dict[str, int] = {"left": 0, "right": 2}
 CENTRE_WORDS: tuple[str, ...] = ("center", "centre", "middle", "central")
-# Words that carry no attribute ("and" separates objects in captions); anything else in a
-# caption or hold-out spec is an error.
+# Words that carry no attribute ("and" and "plus" separate objects in captions); anything
+# else in a caption or hold-out spec is an error.
 FILLER_WORDS: frozenset[str] = frozenset(
-    "and a an the one there is are there's here we see can in at on of to with has have holds "
+    "and plus a an the one there is are there's here we see can in at on of to with has have holds "
     "contains shows showing show image picture photo drawing scene canvas it its which that "
     "placed located sits sitting positioned corner side edge part area size sized shape "
     "object coloured colored".split()
@@ -383,18 +387,30 @@ _POSITION_NAMES: dict[tuple[int, int], tuple[str, ...]] = {
 }
 
 
+# The prepositions before a bare position name: "at the top", "on the left side", "in the centre".
+_PREPOSITIONS: dict[str, tuple[str, ...]] = {"row": ("at",), "side": ("on", "at"), "area": ("in", "at")}
+
+
 def _where(name: str, rng: random.Random) -> str:
     """A prepositional phrase for a bare position name: "at the top", "on the left side"."""
     if name in ("top", "bottom"):
-        return f"at the {name}"
-    if name.split()[0] in ("left", "right"):
-        return f"{rng.choice(('on', 'at'))} the {name}"
-    return f"{rng.choice(('in', 'at'))} the {name}"
+        return f"{_PREPOSITIONS['row'][0]} the {name}"  # no draw: the only choice
+    kind = "side" if name.split()[0] in ("left", "right") else "area"
+    return f"{rng.choice(_PREPOSITIONS[kind])} the {name}"
+
+# Caption families. ``train`` is the wording of every dataset caption; ``other`` describes the
+# same scenes with the same attribute and position words, in attribute orders and with
+# connectives the training captions never use, to measure how much of a model's adherence is
+# tied to the training wording. The families are disjoint: every ``other`` phrase template has
+# a word no ``train`` caption can contain (``family_words`` lists each family's words, and a
+# test checks the templates against them).
+FAMILIES: tuple[str, ...] = ("train", "other")
 
 # One object's phrase; fields: {a} article for the next word, {size} {colour} {shape}
-# {where} (prepositional phrase) and {name} (bare position name). Templates whose text has
-# a comma are only joined with hard separators ("; ", " and ", sentences) so that commas
-# never have to separate objects in the same caption.
+# {where} (prepositional phrase), {name} (bare position name) and the family's own
+# connective words (``CONNECTIVES``). Templates whose text has a comma are only joined with
+# hard separators ("; ", " and ", sentences; " plus ") so that commas never have to
+# separate objects in the same caption.
 PHRASE_TEMPLATES: tuple[str, ...] = (
     "{a} {size} {colour} {shape} {where}",  # a large red circle in the top left
     "{name}: {a} {size} {colour} {shape}",  # top left: a big red circle
@@ -404,41 +420,58 @@ PHRASE_TEMPLATES: tuple[str, ...] = (
     "the {name} {has} {a} {size} {colour} {shape}",  # the top left has a big red circle
     "{a} {size}, {colour} {shape} {where}",  # a small, blue square at the bottom
 )
+# The other family: the attribute orders the training family never uses (colour before size,
+# shape first) and its own verbs, participles and joiners.
+OTHER_PHRASE_TEMPLATES: tuple[str, ...] = (
+    "{a} {colour} {size} {shape} {placed} {where}",  # a red big circle placed at the top left
+    "{where} {sits} {a} {colour} {size} {shape}",  # in the upper left sits a blue tiny square
+    "{a} {shape} {coloured} {colour}, {size}, {where}",  # a circle coloured red, large, at the top
+    "{a} {shape}, {size} {colour}, {placed} {where}",  # a circle, big red, located in the center
+    "{a} {shape} {where}, {coloured} {colour}, {size}",  # a disc on the left, colored blue, small
+)
+TEMPLATES: dict[str, tuple[str, ...]] = {"train": PHRASE_TEMPLATES, "other": OTHER_PHRASE_TEMPLATES}
+CONNECTIVES: dict[str, dict[str, tuple[str, ...]]] = {
+    "train": {"has": ("has", "holds", "contains", "shows")},
+    "other": {
+        "placed": ("placed", "located", "positioned", "sitting"),
+        "sits": ("sits", "is placed", "is located"),
+        "coloured": ("coloured", "colored"),
+    },
+}
 _OPENINGS = ("", "an image of ", "a picture of ", "a drawing of ")
+# what each family joins object phrases with (the train family's in ``_join_train``)
+JOINERS: dict[str, tuple[str, ...]] = {"train": (" and ", ", and ", ", ", "; ", ". "), "other": (" plus ", ", with ")}
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"caption family {family!r} is not one of {list(FAMILIES)}")
 
 
 def _article(next_word: str) -> str:
     return "an" if next_word[0] in "aeiou" else "a"
 
 
-def _phrase(obj: SceneObject, template: str, rng: random.Random) -> str:
+def _phrase(obj: SceneObject, template: str, rng: random.Random, family: str = "train") -> str:
     words = {
         "size": rng.choice(SIZE_WORDS[obj.size]),
         "colour": rng.choice(COLOUR_WORDS[obj.colour]),
         "shape": rng.choice(SHAPE_WORDS[obj.shape]),
         "name": rng.choice(_POSITION_NAMES[obj.cell]),
-        "has": rng.choice(("has", "holds", "contains", "shows")),
     }
+    words |= {slot: rng.choice(choices) for slot, choices in CONNECTIVES[family].items()}
     words["where"] = _where(words["name"], rng)
     # the article agrees with whichever word follows it in this template
     following = template.split("{a} ", 1)[1].split("}", 1)[0].lstrip("{")
     return template.format(a=_article(words[following]), **words)
 
 
-def describe(scene: Scene, rng: random.Random, template: int | None = None) -> str:
-    """A natural-English caption of ``scene``, wording chosen by ``rng``.
+def _capitalise_maybe(text: str, rng: random.Random) -> str:
+    return text[0].upper() + text[1:] if rng.random() < 0.5 else text
 
-    Objects are described in random order, each with a random phrase template (or
-    ``PHRASE_TEMPLATES[template]`` for all of them) and random synonyms, then joined with
-    "and", semicolons or separate sentences; commas join objects only when no phrase has
-    a comma of its own, so a comma never leaves it ambiguous where an object ends.
-    """
-    if not scene:
-        raise ValueError("cannot describe an empty scene")
-    objects = list(scene)
-    rng.shuffle(objects)
-    indices = [rng.randrange(len(PHRASE_TEMPLATES)) if template is None else template for _ in objects]
-    phrases = [_phrase(o, PHRASE_TEMPLATES[i], rng) for o, i in zip(objects, indices)]
+
+def _join_train(phrases: list[str], templates: list[str], rng: random.Random) -> str:
+    """"and", semicolons or sentences; commas only when no phrase has one of its own."""
     joiner = rng.choice(("and", "semicolon", "sentences")) if len(phrases) > 1 else "and"
     if joiner == "sentences":
         return " ".join(p[0].upper() + p[1:] + "." for p in phrases)
@@ -450,9 +483,55 @@ def describe(scene: Scene, rng: random.Random, template: int | None = None) -> s
         text = "; ".join(phrases[:-1]) + "; and " + phrases[-1]
     else:  # a, b and c / a, b, and c
         text = ", ".join(phrases[:-1]) + rng.choice((" and ", ", and ")) + phrases[-1]
-    if PHRASE_TEMPLATES[indices[0]].startswith("{a}"):
+    if templates[0].startswith("{a}"):
         text = rng.choice(_OPENINGS) + text
-    return text[0].upper() + text[1:] if rng.random() < 0.5 else text
+    return _capitalise_maybe(text, rng)
+
+
+def _join_other(phrases: list[str], templates: list[str], rng: random.Random) -> str:
+    """"a plus b plus c", or "a, with b plus c" when no phrase has a comma and the second
+    starts with its article (so that "with" reads as English)."""
+    with_ok = len(phrases) > 1 and not any("," in p for p in phrases) and templates[1].startswith("{a}")
+    if with_ok and rng.random() < 0.5:
+        text = phrases[0] + ", with " + " plus ".join(phrases[1:])
+    else:
+        text = " plus ".join(phrases)
+    return _capitalise_maybe(text, rng)
+
+
+def describe(scene: Scene, rng: random.Random, template: int | None = None, family: str = "train") -> str:
+    """A natural-English caption of ``scene`` in caption family ``family`` (see ``FAMILIES``),
+    wording chosen by ``rng``.
+
+    Objects are described in random order, each with a random phrase template of the family
+    (or ``TEMPLATES[family][template]`` for all of them) and random synonyms, then joined
+    with the family's connectives (train: "and", semicolons or separate sentences; other:
+    "plus" or "with"); commas join objects only when no phrase has a comma of its own, so a
+    comma never leaves it ambiguous where an object ends.
+    """
+    _check_family(family)
+    if not scene:
+        raise ValueError("cannot describe an empty scene")
+    templates = TEMPLATES[family]
+    objects = list(scene)
+    rng.shuffle(objects)
+    indices = [rng.randrange(len(templates)) if template is None else template for _ in objects]
+    chosen = [templates[i] for i in indices]
+    phrases = [_phrase(o, t, rng, family) for o, t in zip(objects, chosen)]
+    return (_join_train if family == "train" else _join_other)(phrases, chosen, rng)
+
+
+def family_words(family: str) -> frozenset[str]:
+    """Every word (``tokenize``'s tokens) a caption of ``family`` can contain: its templates'
+    own words, its connectives, openings and joiners, and the shared attribute, position and
+    preposition words. The families' disjointness rests on it (``vqgen.data.shapes`` docs)."""
+    _check_family(family)
+    texts = [re.sub(r"\{[a-z]+\}", " ", t) for t in TEMPLATES[family]]
+    texts += [w for choices in CONNECTIVES[family].values() for w in choices]
+    texts += list(JOINERS[family]) + list(_OPENINGS if family == "train" else ())
+    texts += [w for table in (SIZE_WORDS, COLOUR_WORDS, SHAPE_WORDS, _POSITION_NAMES) for ws in table.values() for w in ws]
+    texts += [*(p for choices in _PREPOSITIONS.values() for p in choices), "the", "a", "an"]
+    return frozenset(w for text in texts for w in tokenize(text))
 
 
 # --------------------------------------------------------------------------------------
@@ -464,6 +543,14 @@ def sample_rng(seed: int, split: str, index: int) -> random.Random:
     """The private RNG of one sample: independent of access order and of the process."""
     digest = hashlib.blake2b(f"vqgen-shapes/{seed}/{split}/{index}".encode(), digest_size=8).digest()
     return random.Random(int.from_bytes(digest, "little"))
+
+
+def wording(scene: Scene, family: str, seed: int, index: int, variant: int = 0) -> str:
+    """A caption of ``scene`` in ``family``, a pure function of ``(seed, family, index,
+    variant)``: how evaluation words prompt ``index`` in each family, and how training words
+    sample ``index`` again (``variant`` >= 1) under ``data.caption_augmentation``."""
+    _check_family(family)
+    return describe(scene, sample_rng(seed, f"wording/{family}/{variant}", index), family=family)
 
 
 class ShapesDataset(Dataset):

@@ -2,9 +2,11 @@
 
     python -m vqgen.eval adherence --images samples/ --prompts samples/prompts.txt [--json report.json]
         scores the sorted images of a folder against the prompts, line by line
-    python -m vqgen.eval adherence --checkpoint runs/demo/transformer --prompts prompts.txt [--cfg 1.5 ...]
+    python -m vqgen.eval adherence --checkpoint runs/demo/transformer --prompts two.txt [more.txt ...] [--cfg 1.5 ...]
         generates one image per prompt with a trained transformer first (sampling settings: the
-        checkpoint's unless a flag sets one; seeds as in sample.py), then scores them
+        checkpoint's unless a flag sets one; seeds as in sample.py), then scores them; each
+        prompt set (file) is scored as written (the training wording) and with every scene
+        reworded in the other caption family, with the same seeds, and the gap is reported
     python -m vqgen.eval tokenizer --checkpoint DIR [--num N] [--json OUT]
         reconstruction and codebook metrics of a tokenizer, rFID included (see vqgen.eval.tokenizer)
     python -m vqgen.eval fid --real DIR --fake DIR [--inception PATH] [--json OUT]
@@ -29,11 +31,12 @@ from typing import NamedTuple
 from PIL import Image
 
 from vqgen.checkpoint import CheckpointError
-from vqgen.data.prompts import read_prompts
+from vqgen.data.prompts import read_prompt_sets
 from vqgen.eval import tokenizer as tokenizer_cli
 from vqgen.eval.clip_score import DEFAULT_CLIP, clip_score_folder, load_clip
 from vqgen.eval.fid import fid_kid, inception_features, load_inception
-from vqgen.eval.scene import ATTRIBUTES, adherence
+from vqgen.eval.scene import ATTRIBUTES, image_scores, summarise
+from vqgen.eval.wording import GAP_HEADER, compare_families, gap_line, outside_family, reword
 from vqgen.files import atomic_write_text
 from vqgen.images import to_pil
 from vqgen.sampling.cli import add_setting_arguments, describe, overrides
@@ -56,7 +59,8 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def add_adherence_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line")
+    parser.add_argument("--prompts", type=Path, nargs="+", required=True,
+                        help="text files, one prompt per line: prompt sets named by their stems (--images: one file)")
     parser.add_argument("--images", type=Path,
                         help="folder of images, scored in sorted name order (with --checkpoint: where to save them)")
     parser.add_argument("--checkpoint",
@@ -64,6 +68,8 @@ def add_adherence_arguments(parser: argparse.ArgumentParser) -> None:
                         "image per prompt first, with the sampling settings saved in it unless the flags below set them")
     add_setting_arguments(parser, skip=("num_images",))  # one image per prompt
     parser.add_argument("--batch-size", type=int, default=64, help="(with --checkpoint) images sampled at once")
+    parser.add_argument("--train-wording-only", action="store_true",
+                        help="(with --checkpoint) score the prompts as written only, not reworded in the other family")
     parser.add_argument("--json", type=Path, help="also write the scores (and the sampling settings) here as JSON")
 
 
@@ -81,37 +87,84 @@ def load_images(folder: Path, count: int, prompts_path: Path) -> list[Image.Imag
     return images
 
 
-def generate_images(args: argparse.Namespace, prompts: list[str]) -> tuple[list[Image.Image], dict]:
-    """One image per prompt from ``args.checkpoint`` -> (images, the effective settings);
-    prompt i's image uses seed ``image_seed(seed, i, 0)``, as ``sample.py`` does."""
-    pipeline = Pipeline.from_pretrained(args.checkpoint)
-    flagged = overrides(args)
-    settings = pipeline.settings(**flagged, num_images=1)
-    print(describe(pipeline, settings, flagged), flush=True)
-    _, tensors = pipeline(prompts, batch_size=args.batch_size, progress=True, **dataclasses.asdict(settings))
-    images = to_pil(tensors)
-    if args.images:
-        args.images.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            image.save(args.images / f"{i:06d}.png")
-    return images, {"checkpoint": pipeline.checkpoint, "weights": pipeline.weights, "sampling": dataclasses.asdict(settings)}
+class Generator:
+    """One image per prompt from ``args.checkpoint``: prompt i's image uses seed
+    ``image_seed(seed, i, 0)``, as ``sample.py`` does, so two wordings of a set get the same seeds."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.pipeline = Pipeline.from_pretrained(args.checkpoint)
+        flagged = overrides(args)
+        self.settings = self.pipeline.settings(**flagged, num_images=1)
+        self.batch_size = args.batch_size
+        print(describe(self.pipeline, self.settings, flagged), flush=True)
+
+    def __call__(self, prompts: list[str], folder: Path | None) -> list[Image.Image]:
+        _, tensors = self.pipeline(prompts, batch_size=self.batch_size, progress=True,
+                                   **dataclasses.asdict(self.settings))
+        images = to_pil(tensors)
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(images):
+                image.save(folder / f"{i:06d}.png")
+        return images
+
+    def fits(self, prompt: str) -> bool:
+        """Whether the model's text encoder takes ``prompt`` (its length limit)."""
+        return self.pipeline.encoder.fits(prompt)
+
+    def report(self) -> dict:
+        """What the images were drawn with, for the JSON report."""
+        return {"checkpoint": self.pipeline.checkpoint, "weights": self.pipeline.weights,
+                "sampling": dataclasses.asdict(self.settings)}
 
 
 def run_adherence(args: argparse.Namespace) -> None:
-    prompts = read_prompts(args.prompts)
-    generated: dict = {}
-    if args.checkpoint:
-        images, generated = generate_images(args, prompts)
-    elif args.images:
-        images = load_images(args.images, len(prompts), args.prompts)
-    else:
-        raise ValueError("give --images DIR to score, or --checkpoint DIR to generate the images first")
-    report = adherence(images, prompts)
+    sets = read_prompt_sets(args.prompts)
+    if not args.checkpoint:
+        if not args.images:
+            raise ValueError("give --images DIR to score, or --checkpoint DIR to generate the images first")
+        if len(sets) > 1:
+            raise ValueError(f"--images scores one folder against one prompts file; got {len(sets)} files")
+    families = ("train",) if args.train_wording_only or not args.checkpoint else ("train", "other")
+    strangers = outside_family([p for prompts in sets.values() for p in prompts]) if "other" in families else []
+    if strangers:
+        print(f"note: the prompts use words the training captions never do ({', '.join(map(repr, strangers[:5]))}); "
+              "'train' below means the prompts as written")
+    generate = Generator(args) if args.checkpoint else None
+    comparisons, pooled = {}, {"targets": [], **{f: [] for f in families}}
+    for name, prompts in sets.items():
+        results, targets = {}, []
+        for family in families:
+            worded = prompts if family == "train" else reword(prompts, family, fits=generate and generate.fits)
+            if generate:
+                folder = None  # where to save them: <images>[/<set>][/other]
+                if args.images:
+                    folder = args.images / name if len(sets) > 1 else args.images
+                    folder = folder if family == "train" else folder / family
+                images = generate(worded, folder)
+            else:
+                images = load_images(args.images, len(prompts), args.prompts[0])
+            targets, results[family] = image_scores(images, worded)
+            pooled[family] += results[family]
+        pooled["targets"] += targets
+        comparisons[name] = compare_families(targets, results)
+    report = summarise(pooled["targets"], pooled["train"])  # the prompts as written, every set
     print(f"scene adherence over {report['n']} images ({report['objects']} objects)")
     for key in (*ATTRIBUTES, "count", "exact"):
         print(f"  {key:<9}{report[key]:8.2%}")
+    report["sets"] = comparisons
+    if "other" in families:
+        both = compare_families(pooled["targets"], {f: pooled[f] for f in families})
+        report |= {"other": both["other"], "gap": both["gap"], "gap_se": both["gap_se"]}
+        print("wording (exact match ± s.e.; 'other': every scene reworded in the caption family training never "
+              "sees, the same seeds; gap = other - train):")
+        print(GAP_HEADER)
+        for name, comparison in comparisons.items():
+            print(gap_line(name, comparison))
+        if len(comparisons) > 1:
+            print(gap_line("all", both))
     if args.json:
-        atomic_write_text(args.json, json.dumps(report | generated, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(report | (generate.report() if generate else {}), indent=2) + "\n")
 
 
 def add_fid_arguments(parser: argparse.ArgumentParser) -> None:

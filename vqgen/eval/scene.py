@@ -9,6 +9,7 @@ reconstructions and a transformer's samples.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any, Union
@@ -46,7 +47,7 @@ class CaptionError(ValueError):
 # Captions -> scenes
 # --------------------------------------------------------------------------------------
 
-_OBJECT_SEPARATORS = frozenset({";", ".", "!", "?", "and"})  # always end an object
+_OBJECT_SEPARATORS = frozenset({";", ".", "!", "?", "and", "plus"})  # always end an object
 _SOFT_SEPARATORS = frozenset({",", "(", ")"})  # end an object only between two shapes
 
 
@@ -114,9 +115,9 @@ def _parse_object(words: list[str], text: str) -> SceneObject:
 def parse_caption(text: str) -> Scene:
     """The scene a caption describes, in canonical order.
 
-    Reads every wording of ``vqgen.data.shapes.describe`` and free prompts in the same
-    vocabulary, ignoring case and punctuation. Objects are separated by ``;``, ``.``,
-    ``and`` or commas; each needs a shape, colour, size and position.
+    Reads every wording of ``vqgen.data.shapes.describe`` (both caption families) and free
+    prompts in the same vocabulary, ignoring case and punctuation. Objects are separated by
+    ``;``, ``.``, ``and``, ``plus`` or commas; each needs a shape, colour, size and position.
 
     Raises:
         CaptionError: unknown words (named), an object missing an attribute or naming two
@@ -300,13 +301,16 @@ def score(image: ImageLike, target: Scene | str) -> dict[str, Any]:
     return compare(detected, as_scene(target)) | {"detected": detected}
 
 
-def adherence(images: Sequence[ImageLike] | torch.Tensor, prompts: Sequence[Scene | str]) -> dict[str, float]:
-    """Prompt adherence of ``images`` to ``prompts`` (captions or scenes), pairwise.
+def standard_error(p: float, n: int) -> float:
+    """Standard error of a rate ``p`` measured over ``n`` independent trials: sqrt(p (1 - p) / n)."""
+    return math.sqrt(p * (1 - p) / n)
 
-    Returns ``n`` (images), ``objects`` (target objects), per-attribute accuracy over all
-    target objects (``shape``, ``colour``, ``size``, ``position``, as in ``score``) and
-    per-image rates ``count`` and ``exact``.
-    """
+
+def image_scores(
+    images: Sequence[ImageLike] | torch.Tensor, prompts: Sequence[Scene | str]
+) -> tuple[list[Scene], list[dict[str, float]]]:
+    """(target scenes, per-image ``compare`` results) of ``images`` against ``prompts``,
+    pairwise; ``summarise`` aggregates them (``adherence`` does both)."""
     if len(images) != len(prompts):
         raise ValueError(f"adherence needs one prompt per image, got {len(images)} images and {len(prompts)} prompts")
     if not len(prompts):
@@ -317,12 +321,26 @@ def adherence(images: Sequence[ImageLike] | torch.Tensor, prompts: Sequence[Scen
             targets.append(as_scene(prompt))
         except CaptionError as e:
             raise CaptionError(f"prompt {i}: {e}") from None
-    detected = detect_batch(images)
-    results = [compare(d, t) for d, t in zip(detected, targets)]
+    return targets, [compare(d, t) for d, t in zip(detect_batch(images), targets)]
+
+
+def summarise(targets: Sequence[Scene], results: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The ``adherence`` report of per-image ``compare`` results against their targets."""
     sizes = np.asarray([len(t) for t in targets], np.float64)
     report: dict[str, float] = {"n": len(targets), "objects": int(sizes.sum())}
     for a in ATTRIBUTES:  # micro-average over objects: every target object weighs the same
         report[a] = float(sum(r[a] * s for r, s in zip(results, sizes)) / sizes.sum())
     for a in ("count", "exact"):
         report[a] = float(np.mean([r[a] for r in results]))
+    report["exact_se"] = standard_error(report["exact"], len(targets))
     return report
+
+
+def adherence(images: Sequence[ImageLike] | torch.Tensor, prompts: Sequence[Scene | str]) -> dict[str, float]:
+    """Prompt adherence of ``images`` to ``prompts`` (captions or scenes), pairwise.
+
+    Returns ``n`` (images), ``objects`` (target objects), per-attribute accuracy over all
+    target objects (``shape``, ``colour``, ``size``, ``position``, as in ``score``), per-image
+    rates ``count`` and ``exact``, and ``exact_se``, the standard error of ``exact``.
+    """
+    return summarise(*image_scores(images, prompts))

@@ -180,6 +180,10 @@ class TextEncoder:
     def __repr__(self) -> str:
         return f"TextEncoder({self.id}, dim={self.dim}, device={self.device})"
 
+    def fits(self, caption: str) -> bool:
+        """Whether ``caption`` is at most ``max_length`` tokens long (special tokens included)."""
+        return len(self.tokenizer(caption)["input_ids"]) <= self.max_length
+
     @torch.no_grad()  # not inference_mode: the embeddings feed a trained projection's backward
     def encode(
         self, captions: Sequence[str], truncate: bool = False, allow_empty: bool = False

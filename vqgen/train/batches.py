@@ -86,9 +86,13 @@ class IndexedBatches:
         return self._perm[1]
 
     def indices(self, i: int, rank: int, world: int) -> list[int]:
+        return [j for _, j in self.epochs_and_indices(i, rank, world)]
+
+    def epochs_and_indices(self, i: int, rank: int, world: int) -> list[tuple[int, int]]:
+        """(epoch, dataset index) of each sample of micro-step ``i`` on rank ``rank``."""
         n = len(self.dataset)
         start = (i * world + rank) * self.batch_size
-        return [int(self._order(p // n)[p % n]) for p in range(start, start + self.batch_size)]
+        return [(p // n, int(self._order(p // n)[p % n])) for p in range(start, start + self.batch_size)]
 
     def __call__(self, i: int, rank: int, world: int) -> dict:
         return collate([self.dataset[j] for j in self.indices(i, rank, world)])

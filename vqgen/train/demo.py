@@ -8,6 +8,8 @@ Stages, each timed, each resumable (run the command again after an interruption)
 3. ``adherence``   sample images for fresh prompts (never training captions): single-object,
                    two-object, and held-out attribute combinations, with the sampling settings
                    saved in the transformer's checkpoint; score them with the scene checker;
+                   sample and score the same scenes again, worded in the caption family
+                   training never sees (``other``), with the same seeds: the wording gap;
                    measure the tokenizer on held-out scenes too, to say which model limits
                    the held-out figure;
 4. ``fid``         FID of those samples against real renders of the same prompts, per set and
@@ -40,13 +42,14 @@ from vqgen.config import Config, ConfigError
 from vqgen.data.codes import CodeShards
 from vqgen.data.shapes import ShapesDataset
 from vqgen.eval.fid import MetricsError, shapes_fid
-from vqgen.eval.scene import adherence
+from vqgen.eval.scene import image_scores, summarise
 from vqgen.eval.tokenizer import evaluate_tokenizer
+from vqgen.eval.wording import GAP_HEADER, compare_families, gap_line, reword
 from vqgen.files import atomic_write_text
 from vqgen.images import save_grid
 from vqgen.sampling.pipeline import Pipeline
 from vqgen.train.tokenizer import train_tokenizer
-from vqgen.train.transformer import train_transformer
+from vqgen.train.transformer import TrainingCaptions, train_transformer
 
 DEMO_CONFIG = Path("configs") / "shapes.yaml"  # the demo's CPU settings, in the repository
 EVAL_SEED = 10_000  # scenes for evaluation prompts come from a seed training never uses
@@ -83,8 +86,16 @@ def evaluation_scenes(cfg: Config, seed: int = EVAL_SEED, num: int = 10**9) -> d
     }
 
 
-def evaluation_prompts(cfg: Config, training_captions: set[str], num: int = EVAL_PROMPTS) -> dict[str, list[str]]:
-    """Fresh prompts per set (``single``, ``two``, ``heldout``), none of them a training caption."""
+def evaluation_prompts(
+    cfg: Config, training_captions: set[str], num: int = EVAL_PROMPTS, family: str = "train", fits=None
+) -> dict[str, list[str]]:
+    """Fresh prompts per set (``single``, ``two``, ``heldout``), none of them a training caption,
+    in caption family ``family``: ``train`` (the dataset's wording) or ``other`` (the same
+    scenes reworded as ``python -m vqgen.eval adherence`` rewords a prompt file; ``fits``, a
+    text encoder's length check, as there)."""
+    if family != "train":
+        train = evaluation_prompts(cfg, training_captions, num)
+        return {name: reword(prompts, family, fits=fits) for name, prompts in train.items()}
     prompts: dict[str, list[str]] = {}
     for name, data in evaluation_scenes(cfg).items():
         chosen: list[str] = []
@@ -156,16 +167,30 @@ def run_demo(cfg: Config, out: Path) -> dict:
 
     pipeline = Pipeline.from_pretrained(out / "transformer")  # samples with the run's sampling settings
     with stage("adherence", seconds):
-        training = set(CodeShards(out / "transformer" / "codes").captions)
-        report["adherence"] = {}
+        # every caption training read, augmented wordings included: no evaluation prompt is one of them
+        training = set(TrainingCaptions.from_config(cfg, CodeShards(out / "transformer" / "codes")).all())
+        report["adherence"], report["wording"] = {}, {}
         generated = {}  # set -> (prompts, images), for FID
-        for name, prompts in evaluation_prompts(cfg, training).items():
+        families = {"train": evaluation_prompts(cfg, training),
+                    "other": evaluation_prompts(cfg, training, family="other", fits=pipeline.encoder.fits)}
+        for name, prompts in families["train"].items():
             # saved, so that `python -m vqgen.eval adherence --checkpoint <out> --prompts <file>` repeats it
             atomic_write_text(out / "prompts" / f"{name}.txt", "\n".join(prompts) + "\n")
-            _, images = pipeline(prompts, num_images=1, progress=True)
-            generated[name] = (prompts, images)
-            report["adherence"][name] = adherence(images, prompts)
+            results = {}
+            for family, sets in families.items():  # the same scenes and seeds, worded both ways
+                _, images = pipeline(sets[name], num_images=1, progress=True)
+                targets, results[family] = image_scores(images, sets[name])
+                if family == "train":
+                    generated[name] = (prompts, images)
+            report["adherence"][name] = summarise(targets, results["train"])
+            report["wording"][name] = compare_families(targets, results)
             print(f"{name:>8}: exact {report['adherence'][name]['exact']:.1%} over {len(prompts)} prompts")
+        print("wording (exact match ± s.e.; the same scenes and seeds in both caption families)")
+        print(GAP_HEADER)
+        for name, comparison in report["wording"].items():
+            print(gap_line(name, comparison))
+        two = report["wording"]["two"]
+        report["wording_gap_two"] = {"gap": two["gap"], "gap_se": two["gap_se"]}
         report["sampling"] = dataclasses.asdict(pipeline.settings(num_images=1))
         if "heldout" in report["adherence"]:
             report["heldout"] = heldout_limit(cfg, pipeline.tokenizer, report["adherence"]["heldout"]["exact"])
@@ -200,5 +225,7 @@ def run_demo(cfg: Config, out: Path) -> dict:
         if not state["complete"]:
             print(f"\n{name}: stopped at step {state['step']} of {state['steps']} (training.{name}.max_minutes reached)")
     print("\nadherence exact: " + ", ".join(f"{k} {v['exact']:.1%}" for k, v in report["adherence"].items()))
+    gap = report["wording_gap_two"]
+    print(f"wording gap, two-object (other - train): {100 * gap['gap']:+.1f} ± {100 * gap['gap_se']:.1f} points")
     print(f"samples: {out / 'samples.png'}\nreport:  {out / 'report.json'}\ntotal:   {report['seconds']['total']:.0f} s")
     return report

@@ -9,6 +9,7 @@ encoder. ``out_dir`` ends up holding ``config.json`` + ``model.safetensors`` (lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -22,6 +23,8 @@ from torch import Tensor, nn
 from vqgen.checkpoint import substate, training_state
 from vqgen.config import Config, ConfigError
 from vqgen.data.codes import CodeShards, encode_dataset
+from vqgen.data.shapes import wording
+from vqgen.eval.scene import parse_caption
 from vqgen.files import atomic_write_text
 from vqgen.images import grid_image
 from vqgen.model import Transformer
@@ -55,18 +58,57 @@ class NextCodeLoss(nn.Module):
         return loss, {"tokens": codes.numel()}
 
 
+class TrainingCaptions:
+    """The caption sample ``j`` is read with in ``epoch``: ``captions(j, epoch) -> str``.
+
+    With ``augmentation`` = K > 0 (``data.caption_augmentation``, shapes only) each sample has
+    K + 1 training-family wordings of its scene: its stored caption and K more, wording k of
+    sample j a pure function of ``(data_seed, j, k)`` (``vqgen.data.shapes.wording``; the scene
+    is read back from the caption). Each epoch picks one of them per sample from a hash of
+    ``(seed, epoch, j)``, so a resumed run reads what an uninterrupted one would, and every
+    wording is known up front, to go into the embedding cache. The wordings never leave the
+    training family: the ``other`` family of evaluation stays unseen.
+    """
+
+    def __init__(self, captions: list[str], augmentation: int = 0, data_seed: int = 0, seed: int = 0):
+        self.seed = seed
+        self.wordings: list[tuple[str, ...]] = [(c,) for c in captions]
+        if augmentation:
+            self.wordings = [
+                (c, *(wording(parse_caption(c), "train", data_seed, j, k) for k in range(1, augmentation + 1)))
+                for j, c in enumerate(captions)
+            ]
+
+    @classmethod
+    def from_config(cls, cfg: Config, shards) -> TrainingCaptions:
+        """The captions of ``shards`` under ``data.caption_augmentation``."""
+        return cls(shards.captions, cfg.data.caption_augmentation, cfg.data.seed, cfg.training.transformer.seed)
+
+    def all(self) -> list[str]:
+        """Every caption training can read, once each, sorted."""
+        return sorted({c for wordings in self.wordings for c in wordings})
+
+    def __call__(self, j: int, epoch: int) -> str:
+        choices = self.wordings[j]
+        if len(choices) == 1:
+            return choices[0]
+        digest = hashlib.blake2b(f"vqgen-wording/{self.seed}/{epoch}/{j}".encode(), digest_size=8).digest()
+        return choices[int.from_bytes(digest, "little") % len(choices)]
+
+
 class CodeTextBatches:
     """``(micro-step, rank, world) -> {"codes", "text", "text_mask"}``: codes from the shards,
-    text embeddings from the cache; a pure function of its arguments (see ``IndexedBatches``)."""
+    text embeddings of their captions (``TrainingCaptions``) from the cache; a pure function of
+    its arguments (see ``IndexedBatches``)."""
 
-    def __init__(self, shards, cache, batch_size: int, seed: int, device: torch.device):
-        self.shards, self.cache, self.device = shards, cache, device
+    def __init__(self, shards, captions: TrainingCaptions, cache, batch_size: int, seed: int, device: torch.device):
+        self.shards, self.captions, self.cache, self.device = shards, captions, cache, device
         self.order = IndexedBatches(shards, batch_size, seed=seed)
 
     def __call__(self, i: int, rank: int, world: int) -> dict:
-        idx = self.order.indices(i, rank, world)
-        codes = torch.stack([self.shards[j]["codes"] for j in idx])  # [B, h, w]
-        text, mask = self.cache.lookup([self.shards.captions[j] for j in idx])  # [B, L, d], [B, L]
+        picked = self.order.epochs_and_indices(i, rank, world)
+        codes = torch.stack([self.shards[j]["codes"] for _, j in picked])  # [B, h, w]
+        text, mask = self.cache.lookup([self.captions(j, epoch) for epoch, j in picked])  # [B, L, d], [B, L]
         return {"codes": codes.to(self.device), "text": text.to(self.device), "text_mask": mask.to(self.device)}
 
 
@@ -145,7 +187,8 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
             f"but tokenizer {tokenizer_dir(cfg, out_dir)} has {tokenizer.codebook_size} codes on {tokenizer.grid}; "
             "re-encode the data with this tokenizer"
         )
-    encoder, cache = build_text(cfg, out_dir, shards.captions, accelerator)
+    captions = TrainingCaptions.from_config(cfg, shards)
+    encoder, cache = build_text(cfg, out_dir, captions.all(), accelerator)
 
     model_cfg = cfg.model.complete(tokenizer.codebook_size, tokenizer.grid, encoder.dim, tokenizer.code_levels)
     transformer = Transformer(model_cfg)
@@ -154,7 +197,7 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
     task = Task(
         kind="transformer",
         model=NextCodeLoss(transformer, train_cfg.cond_dropout),
-        batches=CodeTextBatches(shards, cache, train_cfg.batch_size, train_cfg.seed, accelerator.device),
+        batches=CodeTextBatches(shards, captions, cache, train_cfg.batch_size, train_cfg.seed, accelerator.device),
         export=lambda state, directory: transformer.save_pretrained(
             directory, extra_config=extra, state=substate(state, "transformer")
         ),
