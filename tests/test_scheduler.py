@@ -69,13 +69,16 @@ def test_images_do_not_depend_on_what_else_is_in_flight():
     assert scheduler.rows_in_use == 0 and scheduler.queue_depth == 0
 
 
-def test_a_full_queue_refuses_at_once():
+def test_a_full_engine_refuses_at_once_and_takes_again_when_an_image_leaves():
     scheduler = Scheduler(small_model(), slots=1, max_queue=2)
-    scheduler.submit(request(0, 1, SETTINGS[0]))
-    scheduler.submit(request(0, 2, SETTINGS[0]))
-    with pytest.raises(QueueFull, match="max_queue=2"):
+    jobs = [scheduler.submit(request(0, seed, SETTINGS[0])) for seed in range(3)]  # the slot's and the queue's
+    with pytest.raises(QueueFull, match=r"slots=1 \+ max_queue=2"):
         scheduler.submit(request(0, 3, SETTINGS[0]))
-    scheduler.step()  # one admitted: room in the queue again
+    scheduler.step()  # one admitted into the slot: it still counts until it finishes
+    assert scheduler.room == 0
+    while not jobs[0].future.done():
+        scheduler.step()
+    assert scheduler.room == 1
     scheduler.submit(request(0, 3, SETTINGS[0]))
 
 

@@ -3,6 +3,7 @@ faults (a full queue, a client gone, SIGTERM, a failing step) lose nothing accep
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import io
@@ -24,6 +25,7 @@ from PIL import Image
 from serving import live_server, load_pipeline
 
 from vqgen.sampling.cli import main as sample_main
+from vqgen.serve.app import latest_previews
 from vqgen.serve.service import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +126,7 @@ def test_a_speculative_server_records_its_window_and_equals_offline_windows(pipe
 
 def test_a_stream_sends_previews_row_by_row_then_the_image(pipeline):
     with live_server(pipeline, ServeConfig(slots=2, max_queue=4, max_images=1, preview_rows=2)) as (url, service):
+        slowed(service, 0.03)  # each preview is sent before the next is due, so none is superseded
         with httpx.stream("POST", f"{url}/v1/images/stream", json={"prompt": "a blue ring", "seed": 3}, timeout=60) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             events = sse_events(r.iter_lines())
@@ -134,6 +137,14 @@ def test_a_stream_sends_previews_row_by_row_then_the_image(pipeline):
     assert [data["rows"] for name, data in events if name == "preview"] == list(range(2, h, 2))
     image = events[-2][1]
     assert image["png"] == plain["images"][0]["png"] and image["timings"]["first_preview_s"] < image["timings"]["total_s"]
+
+
+def test_a_client_behind_gets_each_images_newest_preview_only():
+    events = asyncio.Queue()
+    for item in [(1, "b1"), (0, "a2"), (1, "b2"), (0, "a3")]:
+        events.put_nowait(item)
+    assert latest_previews((0, "a1"), events) == {0: "a3", 1: "b2"} and events.empty()
+    assert latest_previews((2, "c1"), events) == {2: "c1"}
 
 
 # -- bad input ----------------------------------------------------------------------------

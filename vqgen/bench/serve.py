@@ -9,8 +9,9 @@ through the server one request at a time (a sequential batch-1 server). The phas
 machine hits all of them alike.
 
 Then:
-- overload: ``--overload`` x (slots + queue) clients at once, each one request; the excess must
-  get 503 at once (its time to answer is reported) and every accepted request must complete;
+- overload: ``--overload`` x (slots + queue) clients at once, each one request, from a process
+  of their own; the excess must get 503 at once (its time to answer is reported) and every
+  accepted request must complete;
 - one client: the latency of single requests with and without ``--speculative W`` windows.
 
 Request k asks for prompt ``k % P`` of the prompt list at seed k (image 0 of it: seed
@@ -19,7 +20,10 @@ every served image's codes with the offline ones.
 
 ``--json`` keys: ``served_vs_offline_b32``, ``served_vs_sequential``, ``p50_s``, ``p95_s``,
 ``p99_s``, ``first_preview_fraction`` (median of each request's first preview time over its
-latency), ``failed``, ``identical_to_offline``, with the rest of the figures beside them.
+latency), ``failed``, ``identical_to_offline``, with the rest of the figures beside them;
+``served_vs_offline_slots`` holds the server against offline sampling at batch ``--slots``
+(the most images its steps decode together) and ``offline_slots_vs_b32`` that batch against
+batch 32: the ceiling of ``served_vs_offline_b32`` for this many slots.
 Without ``--checkpoint``, ``--size`` builds a model of that size at random weights on the
 geometry of ``--config`` (speed figures only).
 """
@@ -30,6 +34,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -172,7 +177,9 @@ def run_serve_bench(pipeline: Pipeline, prompts: list[str], load: Load, log=prin
     texts = [b["prompt"] for b in bodies]
     config = ServeConfig(slots=load.slots, max_queue=load.max_queue, max_images=1, preview_rows=load.preview_rows)
     service = ImageService(pipeline, config)
-    rounds: dict[str, list[float]] = {"served": [], "offline_b32": [], "sequential": []}
+    # offline at batch ``slots`` too: the most images a server of that many slots decodes at once,
+    # so its throughput bounds the served one (at most ``slots`` images share a step)
+    rounds: dict[str, list[float]] = {"served": [], "offline_b32": [], "offline_slots": [], "sequential": []}
     with serving(service) as url:
         asyncio.run(drive(url, bodies[: load.clients], load.clients))  # warm-up: every code path once
         offline(pipeline, texts[:OFFLINE_BATCH], seeds[:OFFLINE_BATCH], OFFLINE_BATCH)
@@ -181,17 +188,19 @@ def run_serve_bench(pipeline: Pipeline, prompts: list[str], load: Load, log=prin
             rounds["served"].append(wall)
             codes, seconds = offline(pipeline, texts, seeds, OFFLINE_BATCH)
             rounds["offline_b32"].append(seconds)
+            rounds["offline_slots"].append(offline(pipeline, texts, seeds, load.slots)[1])
             sequential, seconds = asyncio.run(drive(url, bodies, 1))
             rounds["sequential"].append(seconds)
             log(f"round {r + 1}/{load.repeats}: served {wall:.2f} s, offline b{OFFLINE_BATCH} "
-                f"{rounds['offline_b32'][-1]:.2f} s, sequential {seconds:.2f} s for {n} images")
+                f"{rounds['offline_b32'][-1]:.2f} s, offline b{load.slots} {rounds['offline_slots'][-1]:.2f} s, "
+                f"sequential {seconds:.2f} s for {n} images")
         ok = [o for o in served if o.status == 200 and o.latency is not None]
         failed = n - len(ok) + sum(o.status != 200 for o in sequential)
         identical = failed == 0 and all(o.codes == c for o, c in zip(served, codes)) \
             and all(o.codes == c for o, c in zip(sequential, codes))
         latencies = [o.latency for o in ok]
         fractions = [o.first_preview / o.latency for o in ok if o.first_preview is not None]
-        overload = asyncio.run(overloaded(url, bodies, load))
+        overload = overloaded(url, bodies, load)
     log("one client, plain and speculative")
     single = {"plain": one_client(pipeline, bodies[: load.single], dataclasses.replace(config, slots=1)),
               f"speculative_{load.speculative}": one_client(
@@ -200,6 +209,8 @@ def run_serve_bench(pipeline: Pipeline, prompts: list[str], load: Load, log=prin
     return {
         "served_vs_offline_b32": median["offline_b32"] / median["served"],
         "served_vs_sequential": median["sequential"] / median["served"],
+        "served_vs_offline_slots": median["offline_slots"] / median["served"],
+        "offline_slots_vs_b32": median["offline_b32"] / median["offline_slots"],
         "p50_s": quantile(latencies, 0.5), "p95_s": quantile(latencies, 0.95), "p99_s": quantile(latencies, 0.99),
         "p99_over_p50": quantile(latencies, 0.99) / quantile(latencies, 0.5),
         "first_preview_fraction": statistics.median(fractions) if fractions else None,
@@ -212,12 +223,14 @@ def run_serve_bench(pipeline: Pipeline, prompts: list[str], load: Load, log=prin
     }
 
 
-async def overloaded(url: str, bodies: list[dict[str, Any]], load: Load) -> dict[str, Any]:
-    """Many more clients than slots + queue, all at once, one request each."""
+def overloaded(url: str, bodies: list[dict[str, Any]], load: Load) -> dict[str, Any]:
+    """Many more clients than slots + queue, all at once, one request each. The clients run in
+    a process of their own, so that their 100-odd connections do not share the server's
+    interpreter (its GIL) and each refusal is timed as a client elsewhere would see it."""
     clients = load.overload * (load.slots + load.max_queue)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        outcomes = await asyncio.gather(*(stream_one(client, url, bodies[k % len(bodies)]) for k in range(clients)))
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        outcomes = pool.apply(_burst, (url, [bodies[k % len(bodies)] for k in range(clients)]))
     refused = [o for o in outcomes if o.status == 503]
     accepted = [o for o in outcomes if o.status != 503]
     return {
@@ -226,6 +239,16 @@ async def overloaded(url: str, bodies: list[dict[str, Any]], load: Load) -> dict
         "refusal_p50_s": quantile([o.answered for o in refused], 0.5) if refused else None,
         "refusal_max_s": max(o.answered for o in refused) if refused else None,
     }
+
+
+def _burst(url: str, bodies: list[dict[str, Any]]) -> list[Outcome]:
+    """Every body at once, each from its own connection (in the clients' process)."""
+    async def burst() -> list[Outcome]:
+        limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+            return await asyncio.gather(*(stream_one(client, url, body) for body in bodies))
+
+    return asyncio.run(burst())
 
 
 def one_client(pipeline: Pipeline, bodies: list[dict[str, Any]], config: ServeConfig) -> dict[str, Any]:
@@ -248,6 +271,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"images/s: served {r['images_per_s']['served']:.2f}  offline b{OFFLINE_BATCH} {r['images_per_s']['offline_b32']:.2f}"
         f"  sequential {r['images_per_s']['sequential']:.2f}",
         f"served / offline b{OFFLINE_BATCH}: {r['served_vs_offline_b32']:.2f}x   served / sequential: {r['served_vs_sequential']:.2f}x",
+        f"served / offline b{r['load']['slots']} (the batch the slots hold): {r['served_vs_offline_slots']:.2f}x; "
+        f"offline b{r['load']['slots']} / b{OFFLINE_BATCH}, the bound of a {r['load']['slots']}-slot server: "
+        f"{r['offline_slots_vs_b32']:.2f}x",
         f"latency p50 {r['p50_s']:.3f} s  p95 {r['p95_s']:.3f} s  p99 {r['p99_s']:.3f} s  (p99/p50 {r['p99_over_p50']:.2f})",
         f"first preview at {r['first_preview_fraction']:.2f} of an image's latency (median; p95 "
         f"{r['first_preview_fraction_p95']:.2f})" if r["first_preview_fraction"] is not None else "no previews",

@@ -55,7 +55,7 @@ from vqgen.data.codes import CodeShards, CodeShardsError
 from vqgen.files import atomic_write_dir
 from vqgen.model import Transformer
 from vqgen.text import EmbeddingCache, TextEncoder
-from vqgen.train.transformer import CodeTextBatches
+from vqgen.train.transformer import CodeTextBatches, TrainingCaptions
 
 CRITERION = ("blocks: calibration-loss increase when skipped (greedy, exact); heads and SwiGLU channels: "
              "first-order Taylor |dL/dgate| summed over the calibration batches")
@@ -407,7 +407,7 @@ def calibration_batches(
     draws = torch.Generator().manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix="vqgen-prune-") as scratch:
         cache = EmbeddingCache(text_cache if text_cache.is_dir() else scratch, encoder)
-        batches = CodeTextBatches(shards, cache, batch_size, seed, device)
+        batches = CodeTextBatches(shards, TrainingCaptions(shards.captions), cache, batch_size, seed, device)
         cache.build(shards.captions[j] for i in range(count) for j in batches.order.indices(i, 0, 1))
         out = []
         for i in range(count):

@@ -14,8 +14,9 @@
 Unset fields take the checkpoint's sampling settings. Bad input never reaches the engine:
 malformed JSON is a 400; an unknown field, an empty prompt (unless ``"unconditional": true``),
 a prompt too long for the text encoder, ``n`` over the limit or a setting out of its range
-(NaN and infinities included) is a 422 naming the field. A full queue is a 503 with
-``Retry-After`` at once. An image that fails in the engine answers 500 with the reason. A
+(NaN and infinities included) is a 422 naming the field. A request beyond ``slots +
+max_queue`` images (those decoding, waiting and being encoded) is a 503 with ``Retry-After``
+at once, before its prompt is encoded. An image that fails in the engine answers 500 with the reason. A
 client that goes away cancels its images: their rows are free at the next step.
 
 With an API key (``--api-key`` or ``VQGEN_API_KEY``) every route but ``/health`` and ``/``
@@ -40,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from vqgen.config import ConfigError, GuidanceSchedule, SamplingSettings
-from vqgen.serve.service import ImageJob, ImageService, Unavailable
+from vqgen.serve.service import ImageJob, ImageService, Reservation, Unavailable
 from vqgen.text import PromptError
 
 MAX_PROMPT_CHARS = 2000  # long before any text encoder's limit: refuse without tokenizing megabytes
@@ -82,6 +83,21 @@ class ImageRequest(BaseModel):
 BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": ImageRequest.model_json_schema()}}}}
 
 
+def unavailable(error: Unavailable) -> JSONResponse:
+    """A 503 with its ``Retry-After``."""
+    return JSONResponse({"error": str(error)}, status_code=503, headers={"Retry-After": str(error.retry_after)})
+
+
+def latest_previews(first: tuple[int, Any], events: asyncio.Queue) -> dict[int, Any]:
+    """``first`` and what ``events`` holds now (taken out without waiting), as image index ->
+    its newest preview: a client that fell behind gets the newest grid, not every stale one."""
+    latest = dict([first])
+    while not events.empty():
+        index, codes = events.get_nowait()
+        latest[index] = codes
+    return latest
+
+
 def field_error(field: str, message: str, value: Any = None) -> JSONResponse:
     """A 422 in FastAPI's own shape, naming the field."""
     return JSONResponse({"detail": [{"loc": ["body", field], "msg": message, "input": value}]}, status_code=422)
@@ -121,10 +137,11 @@ def create_app(service: ImageService, api_key: str | None = None) -> FastAPI:
                 return JSONResponse({"error": "a valid API key is required (Authorization: Bearer KEY)"}, status_code=401)
         return await call_next(request)
 
-    def refuse_early(body: ImageRequest) -> JSONResponse | None:
+    def refuse_early(body: ImageRequest) -> JSONResponse | Reservation:
         """What can be refused before any work (encoding the prompt): a 422 for a prompt or ``n``
-        that can never be served, a 503 when the queue cannot take the request now (under
-        overload the excess is answered at once; ``submit`` checks again, atomically)."""
+        that can never be served, a 503 when the engine has no room for the request now. Else
+        the request's places, held while it is encoded (``ImageService.reserve``): under
+        overload the excess is answered at once, whatever is still being encoded."""
         if body.unconditional and body.prompt:
             return field_error("prompt", 'give an empty prompt with "unconditional": true', body.prompt)
         if not body.unconditional and not body.prompt.strip():
@@ -132,21 +149,28 @@ def create_app(service: ImageService, api_key: str | None = None) -> FastAPI:
         if body.n > service.config.max_images:
             return field_error("n", f"n={body.n} is over this server's limit of {service.config.max_images} images", body.n)
         try:
-            service.check_room(body.n)
+            return service.reserve(body.n)
         except Unavailable as e:
-            return JSONResponse({"error": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
-        return None
+            return unavailable(e)
 
-    def admit(body: ImageRequest, on_preview=None) -> list[ImageJob] | JSONResponse:
-        """Encode the prompt and queue its images -> the images, or the error response."""
-        try:
-            settings = service.settings(**body.overrides())
-            text, mask = service.encode(body.prompt)
-            return service.submit(text, mask, settings, on_preview)
-        except PromptError as e:
-            return field_error("prompt", str(e), body.prompt)
-        except Unavailable as e:
-            return JSONResponse({"error": str(e)}, status_code=503, headers={"Retry-After": str(e.retry_after)})
+    def admit(body: ImageRequest, places: Reservation, on_preview=None) -> list[ImageJob] | JSONResponse:
+        """Encode the prompt and queue its images into ``places`` -> the images, or the error response."""
+        with places:
+            try:
+                settings = service.settings(**body.overrides())
+                text, mask = service.encode(body.prompt)
+                return service.submit(text, mask, settings, on_preview, places)
+            except PromptError as e:
+                return field_error("prompt", str(e), body.prompt)
+            except Unavailable as e:
+                return unavailable(e)
+
+    async def accept(body: ImageRequest, on_preview=None) -> list[ImageJob] | JSONResponse:
+        """``refuse_early``, then ``admit`` off the event loop (encoding waits for the render thread)."""
+        places = refuse_early(body)
+        if isinstance(places, JSONResponse):
+            return places
+        return await asyncio.to_thread(admit, body, places, on_preview)
 
     async def finish(image: ImageJob, codes: bool) -> dict[str, Any]:
         """An image's record once its codes are done (raises what the engine raised)."""
@@ -160,7 +184,7 @@ def create_app(service: ImageService, api_key: str | None = None) -> FastAPI:
         body = await parse(request)
         if isinstance(body, JSONResponse):
             return body
-        admitted = refuse_early(body) or await asyncio.to_thread(admit, body)
+        admitted = await accept(body)
         if isinstance(admitted, JSONResponse):
             metrics.request(admitted.status_code)
             return admitted
@@ -192,8 +216,7 @@ def create_app(service: ImageService, api_key: str | None = None) -> FastAPI:
         def on_preview(index: int, codes: torch.Tensor) -> None:  # on the engine thread
             loop.call_soon_threadsafe(events.put_nowait, (index, codes))
 
-        admitted = refuse_early(body) or await asyncio.to_thread(
-            admit, body, on_preview if service.config.preview_rows else None)
+        admitted = await accept(body, on_preview if service.config.preview_rows else None)
         if isinstance(admitted, JSONResponse):
             metrics.request(admitted.status_code)
             return admitted
@@ -208,11 +231,12 @@ def create_app(service: ImageService, api_key: str | None = None) -> FastAPI:
                 while tasks:
                     done, _ = await asyncio.wait({*tasks, previews}, return_when=asyncio.FIRST_COMPLETED)
                     if previews in done:
-                        index, codes = previews.result()
+                        latest = latest_previews(previews.result(), events)
                         previews = asyncio.ensure_future(events.get())
-                        if not admitted[index].job.future.done():  # an image already finished needs no preview
-                            png = await asyncio.wrap_future(service.png(codes))
-                            yield event("preview", {"index": index, "rows": len(codes), "of": h, "png": png})
+                        for index, codes in latest.items():
+                            if not admitted[index].job.future.done():  # an image already finished needs no preview
+                                png = await asyncio.wrap_future(service.png(codes))
+                                yield event("preview", {"index": index, "rows": len(codes), "of": h, "png": png})
                     for task in done & tasks.keys():
                         image = tasks.pop(task)
                         try:

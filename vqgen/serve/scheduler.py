@@ -95,7 +95,7 @@ class Scheduler:
     """Continuous batching of image requests over ``model``'s decode contract.
 
     ``slots`` images decode at once (a guided image takes two cache rows, so the cache has
-    ``2 * slots``); ``max_queue`` requests may wait for a slot, and ``submit`` beyond that raises
+    ``2 * slots``); ``max_queue`` more may wait for a slot, and ``submit`` beyond that raises
     ``QueueFull`` at once. ``preview_rows`` > 0 calls a request's ``on_progress`` every that many
     grid rows. ``cache_dtype``: the keys/values' dtype (default as ``generate``: float32 on CPU,
     the model's elsewhere). ``speculative``: W > 0 decodes every request by speculative windows
@@ -147,14 +147,22 @@ class Scheduler:
             raise ValueError(f"Request: text of {L} tokens is longer than this model's max_text_len ({self.model.cfg.max_text_len})")
         job = Job(request)
         with self.lock:
-            if len(self.queue) >= self.max_queue:
-                raise QueueFull(f"the queue holds {len(self.queue)} requests, its bound (max_queue={self.max_queue}); retry later")
+            if self.room < 1:
+                raise QueueFull(f"{len(self.active)} images decode and {len(self.queue)} wait, the bound (slots={self.slots} "
+                                f"+ max_queue={self.max_queue}); retry later")
             self.queue.append(job)
         return job
 
     def cancel(self, job: Job) -> None:
         """Drop ``job``: its rows are free for the next step, and its future is cancelled."""
         job.cancelled = True
+
+    @property
+    def room(self) -> int:
+        """Images ``submit`` takes now: the free slots and the queue's free places. Counting
+        the decoding images with the waiting ones bounds the images held at ``slots +
+        max_queue`` whether or not a step boundary has moved the queue's head into its slot."""
+        return self.slots + self.max_queue - len(self.active) - len(self.queue)
 
     @property
     def queue_depth(self) -> int:

@@ -75,6 +75,26 @@ class ServeConfig:
                              "or a request of max_images images could never be queued")
 
 
+class Reservation:
+    """Places held for ``images`` images of one request (``ImageService.reserve``) until it
+    is submitted or refused: ``release`` (or leaving its ``with`` block) gives them back, once."""
+
+    def __init__(self, service: ImageService, images: int):
+        self.service, self.images, self.held = service, images, True
+
+    def release(self) -> None:
+        with self.service._reserving:
+            if self.held:
+                self.service._reserved -= self.images
+                self.held = False
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 @dataclass
 class ImageJob:
     """One image of a request: the scheduler's job, its seed and settings, and its times
@@ -98,6 +118,7 @@ class ImageService:
         self.grid, self.tokens = model.cfg.grid, model.cfg.seq_len
         self.scheduler = Scheduler(model, config.slots, config.max_queue, config.preview_rows, speculative=config.speculative)
         self.accepting = True
+        self._reserving, self._reserved = threading.Lock(), 0  # places held by requests being admitted
         self.drained: bool | None = None  # set by stop(): whether every accepted image finished
         self.metrics = Metrics({
             "vqgen_queue_depth": ("requests waiting for a slot", lambda: self.scheduler.queue_depth),
@@ -162,14 +183,19 @@ class ImageService:
 
     def submit(
         self, text: Tensor, mask: Tensor, settings: SamplingSettings,
-        on_preview: Callable[[int, Tensor], None] | None = None,
+        on_preview: Callable[[int, Tensor], None] | None = None, reservation: Reservation | None = None,
     ) -> list[ImageJob]:
         """Queue ``settings.num_images`` images of one encoded prompt, all or none. Image i
         has seed ``image_seed(settings.seed, 0, i)``; ``on_preview(i, codes [rows, w])`` is
-        called from the engine thread. Raises ``Unavailable`` when the queue cannot take them
-        all. A server calls ``check_room`` first, when the request arrives: one that arrived
-        before a drain began is admitted during it."""
-        self._check_queue(settings.num_images)  # a request checked in before a drain began still goes in
+        called from the engine thread. Raises ``Unavailable`` when the engine cannot take them
+        all. A server ``reserve``s their places first, when the request arrives, and hands the
+        ``reservation`` in here (which releases it): one that arrived before a drain began is
+        admitted during it."""
+        with reservation or contextlib.nullcontext():
+            return self._submit(text, mask, settings, on_preview, held=reservation.images if reservation else 0)
+
+    def _submit(self, text, mask, settings, on_preview, held: int) -> list[ImageJob]:
+        self._check_room(settings.num_images, held)
         if settings.num_images > self.config.max_images:
             raise ValueError(f"n={settings.num_images} is over this server's limit of {self.config.max_images}")
         arrived = time.monotonic()
@@ -188,17 +214,29 @@ class ImageService:
             images.append(image)
         return images
 
-    def check_room(self, n: int) -> None:
-        """Raise ``Unavailable`` if the service drains, or ``n`` more images cannot be queued now."""
+    def reserve(self, n: int) -> Reservation:
+        """Hold places for ``n`` images of a request that just arrived, before its prompt is
+        encoded, so that a burst is refused at once: each arrival counts against ``slots +
+        max_queue`` from the moment it is let in, not from when its encoding ends. Raises
+        ``Unavailable`` if the service drains or the places are taken; ``submit`` (or the
+        reservation's ``release``) gives them back."""
         if not self.accepting:
             raise Unavailable("the server is shutting down and admits no new requests", retry_after=5)
-        self._check_queue(n)
+        with self._reserving:
+            self._check_room(n)
+            self._reserved += n
+        return Reservation(self, n)
 
-    def _check_queue(self, n: int) -> None:
-        waiting, bound = self.scheduler.queue_depth, self.scheduler.max_queue
-        if waiting + n > bound:
-            raise Unavailable(f"the queue holds {waiting} images, its bound (max_queue={bound}) leaves no room for "
-                              f"{n} more; retry later", retry_after=self.retry_after())
+    def _check_room(self, n: int, held: int = 0) -> None:
+        """``Unavailable`` unless the engine has room for ``n`` images beyond the places reserved
+        (``held`` of them this request's own)."""
+        room = self.scheduler.room - (self._reserved - held)
+        if n > room:
+            s = self.scheduler
+            raise Unavailable(
+                f"{len(s.active)} images decode, {s.queue_depth} wait and {self._reserved - held} are being admitted: the "
+                f"bound (slots={s.slots} + max_queue={s.max_queue}) leaves no room for {n} more; retry later",
+                retry_after=self.retry_after())
 
     def cancel(self, images: list[ImageJob]) -> None:
         """Drop the request's unfinished images; their rows are free at the next step."""
