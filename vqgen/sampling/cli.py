@@ -3,7 +3,7 @@
     python sample.py --checkpoint runs/demo --prompt "a big red circle in the top left" --num 4 --out grid.png
     python sample.py --checkpoint runs/demo --prompts prompts.txt --out-dir samples/
     python sample.py --checkpoint you/vqgen-shapes --prompt "a small blue square" --out grid.png   # a Hub repo
-    python sample.py --checkpoint runs/photos_L --draft runs/photos_draft --speculative 4 --prompts p.txt --out-dir s/
+    python sample.py --checkpoint runs/photos_target --draft runs/photos_draft --speculative 4 --prompts p.txt --out-dir s/
     accelerate launch --num_processes 8 sample.py --checkpoint runs/demo --prompts prompts.jsonl --out-dir samples/
 
 Settings: the sampling section saved with the run (guidance, temperature, top-k/top-p, images

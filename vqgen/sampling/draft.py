@@ -43,7 +43,9 @@ from vqgen.sampling.speculative import Windows
 MUST_MATCH = ("vocab_size", "grid", "text_dim", "text_encoder")  # the codes and the text both models read
 
 
-def check_draft(model: Transformer, draft: Transformer, target_name: str = "the target", draft_name: str = "the draft") -> None:
+def check_draft(
+    model: Transformer, draft: Transformer, target_name: str = "the target", draft_name: str = "the draft"
+) -> None:
     """Fail unless ``draft`` can propose codes for ``model``: the same codes (vocabulary, grid,
     FSQ levels where both record them) and the same text embeddings (encoder, width, at least
     the target's text length). Its code head, width and depth may differ."""

@@ -184,7 +184,8 @@ class Pipeline:
         if draft and options.get("speculative"):
             options["draft"] = self.draft(draft)
         if options.get("speculative_tolerance") and options.get("speculative"):
-            options["neighbours"] = self.code_neighbours(options.get("speculative_neighbours", SamplingSettings.speculative_neighbours))
+            k = options.get("speculative_neighbours", SamplingSettings.speculative_neighbours)
+            options["neighbours"] = self.code_neighbours(k)
         codes = generate(self.transformer, text[:, valid].to(self.device), mask[:, valid].to(self.device),
                          num_images=1, seeds=torch.tensor(list(seeds), dtype=torch.long), **options)
         return codes, self.tokenizer.decode(codes).clamp(-1, 1)

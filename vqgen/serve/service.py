@@ -94,8 +94,8 @@ class ImageService:
 
     def __init__(self, pipeline: Pipeline, config: ServeConfig = ServeConfig()):
         self.pipeline, self.config = pipeline, config
-        unsupported = [f"{name}={getattr(pipeline.defaults, name)!r}" for name in ("speculative_draft", "speculative_tolerance")
-                       if getattr(pipeline.defaults, name)]
+        unsupported = [f"{name}={getattr(pipeline.defaults, name)!r}"
+                       for name in ("speculative_draft", "speculative_tolerance") if getattr(pipeline.defaults, name)]
         if unsupported or pipeline.drafts:
             raise ValueError(
                 f"vqgen serve decodes plainly or by Jacobi windows only, but the checkpoint's settings ask for "
