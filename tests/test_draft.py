@@ -108,6 +108,31 @@ def test_draft_images_depend_on_the_seed_alone_not_the_batch(device):
     assert torch.equal(generate(model, text, mask, **greedy, speculative=3, draft=draft), generate(model, text, mask, **greedy))
 
 
+@pytest.mark.slow
+def test_compiled_draft_speculation_matches_eager(monkeypatch):
+    """Compiled, finished images stay in the batch and keep verifying past the last code: the
+    caches' slack slots hold them, and the images equal the eager loop's."""
+    import functools
+    import importlib
+
+    import torch._dynamo
+
+    gen = importlib.import_module("vqgen.sampling.generate")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # dynamo only: fast
+    gen.compiled.cache_clear()
+    torch._dynamo.reset()
+    try:
+        model = small_model(kv_heads=2)
+        text, mask = prompts()
+        opts = dict(cfg_scale=2.0, top_k=10, seeds=1, speculative=3, draft=small_draft(model), return_forwards=True)
+        (compiled, compiled_forwards), (eager, eager_forwards) = (generate(model, text, mask, compile=c, **opts)
+                                                                  for c in (True, False))
+        assert torch.equal(compiled, eager) and torch.equal(compiled_forwards, eager_forwards)
+    finally:
+        gen.compiled.cache_clear()
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(vocab_size=V + 1), f"vocab_size {V + 1} (target: {V})"),
     (dict(grid=(4, 3)), "grid (4, 3) (target: (3, 4))"),

@@ -2,7 +2,7 @@
 
     python -m vqgen.bench speculative --checkpoint runs/demo/transformer \
         --prompts runs/demo/prompts/single.txt runs/demo/prompts/two.txt --speculative 16 --json spec.json
-    python -m vqgen.bench speculative --checkpoint runs/photos_L --draft runs/photos_draft --speculative 4 ...
+    python -m vqgen.bench speculative --checkpoint runs/photos_target/transformer --draft runs/photos_draft/transformer --speculative 4 ...
 
 With ``--draft DIR`` a third sampler joins: the draft model proposes each window of W codes
 (``generate(..., draft=)``), beside plain decoding and Jacobi self-drafting at the same W;

@@ -91,7 +91,7 @@ def draft_decode(
     for each).
 
     ``cache`` (the target's) and ``draft_cache`` hold the prompts' text in the same rows (image
-    b's streams in rows ``streams * b + s``) and ``N + window`` slots. ``steps``: the target's
+    b's streams in rows ``streams * b + s``), and ``N + window + 1`` and ``N + window`` slots. ``steps``: the target's
     step (``window_logits``) and the draft's (``draft_logits``), or their compiled forms;
     ``scales`` [N] the guidance per position. ``compact``: finished images leave the batch
     (eager only). ``tolerance`` > 0 relaxes the acceptance test (lossy: ``relaxed.py``).
@@ -99,9 +99,10 @@ def draft_decode(
     N, W, B, V, device = model.cfg.seq_len, window, len(seeds), model.cfg.vocab_size, model.bos.device
     streams = 2 if guided else 1
     target_step, draft_step = steps
-    # each position's draft, acceptance and redraw (or bonus) uniforms [B, N + W, 3]
-    uniforms = draw_uniforms(seeds, 3 * (N + W)).to(device).view(B, N + W, 3)
-    codes = torch.zeros(B, N + W, dtype=torch.long, device=device)  # accepted codes, then the drafts
+    # each position's draft, acceptance and redraw (or bonus) uniforms [B, N + W + 1, 3]: a finished
+    # image (compiled, it stays in the batch) keeps verifying W + 1 slack positions from N on
+    uniforms = draw_uniforms(seeds, 3 * (N + W + 1)).to(device).view(B, N + W + 1, 3)
+    codes = torch.zeros(B, N + W + 1, dtype=torch.long, device=device)  # accepted codes, then the drafts
     start = torch.zeros(B, dtype=torch.long, device=device)  # codes accepted = the window's first position
     out = torch.zeros(B, N, dtype=torch.long, device=device)
     forwards = torch.zeros(B, dtype=torch.long)

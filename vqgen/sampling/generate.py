@@ -165,7 +165,8 @@ def generate(
         # baseline recomputes everything each step, so it gets its text unpadded
         L = context.tokens.shape[1]
         text_len = text_bucket(L, model.cfg.max_text_len + 1) if use_cache else L
-        cache = model.setup_caches(len(rows), N + window, text_len, dtype)
+        # a draft window verifies W drafts and a bonus position: one slot more than a Jacobi window
+        cache = model.setup_caches(len(rows), N + window + (draft is not None and window > 0), text_len, dtype)
         model.write_text(cache, rows, context)
         forwards = torch.full((B,), N, dtype=torch.long)
         if not use_cache:
