@@ -37,7 +37,7 @@ def nearest_codes(vectors: Tensor, k: int) -> Tensor:
     for start in range(0, V, CHUNK):
         rows = torch.arange(start, min(start + CHUNK, V), device=vectors.device)
         distance = torch.cdist(vectors[rows], vectors)  # [C, V]
-        distance[torch.arange(len(rows)), rows] = -1.0  # the code itself sorts first, then is dropped
+        distance[rows - start, rows] = -1.0  # the code itself sorts first, then is dropped
         out.append(distance.sort(dim=-1, stable=True).indices[:, 1 : k + 1])
     return torch.cat(out)
 
