@@ -1,6 +1,7 @@
 """``python -m vqgen.bench speculative`` on a small untrained run: the plumbing and the report
 (the figures themselves come from a trained model, in docs/benchmarks.md)."""
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,7 +10,6 @@ import pytest
 
 import vqgen.bench.speculative as bench
 from vqgen.bench.__main__ import main
-
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,41 @@ def test_missing_inputs_are_named(checkpoint, prompt_files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["speculative", "--checkpoint", str(checkpoint), "--prompts", prompt_files[0], prompt_files[0]])
     assert "two prompt files are named 'single'" in capsys.readouterr().err
+
+
+def test_a_draft_joins_as_a_third_sampler(checkpoint, prompt_files, tmp_path, capsys, monkeypatch):
+    """With --draft: plain, Jacobi and draft windows at the same W, each timed on the bench's clock
+    (SECONDS, draft 0.25 s a generation), with the target's forwards and the ratios between them."""
+    import torch
+
+    from vqgen.model import Transformer
+
+    target = Transformer.from_pretrained(checkpoint)
+    draft_dir = tmp_path / "draft"
+    torch.manual_seed(1)
+    Transformer(dataclasses.replace(target.cfg, dim=16)).save_pretrained(draft_dir)
+    now, drafted = [0.0], []
+    real_generate = bench.generate
+
+    def generate(model, *args, draft=None, speculative: int = 0, **options):
+        drafted.append(draft is not None)
+        now[0] += SECONDS["spec" if speculative else "plain"] if draft is None else 0.25
+        return real_generate(model, *args, draft=draft, speculative=speculative, **options)
+
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(bench, "generate", generate)
+    out = tmp_path / "spec.json"
+    assert main(["speculative", "--checkpoint", str(checkpoint), "--prompts", prompt_files[0], "--num-prompts", "2",
+                 "--speculative", "3", "--draft", str(draft_dir), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["draft"] == str(draft_dir) and not r["lossy"]
+    # batch 1: 2 chunks; batch 8: 1 chunk
+    assert r["seconds_b1"] == {"plain": 4.0, "spec": 1.0, "draft": 0.5}
+    assert r["wall_ratio_b1_draft"] == 8.0 and r["wall_ratio_b8_draft_vs_jacobi"] == 2.0
+    n = r["grid"][0] * r["grid"][1]
+    fw = r["forwards_per_image"]
+    assert fw["plain"] == n and n / 4 <= fw["draft"] <= n  # up to W + 1 = 4 codes a forward
+    assert r["passes_ratio_b1_draft_vs_jacobi"] == pytest.approx(fw["spec"] / fw["draft"])
+    assert r["sets"]["single"]["batch_independent"] and sum(drafted) == 4  # warm-up, 2 chunks, 1 batch of 8
+    printed = capsys.readouterr().out
+    assert f"draft model: {draft_dir}" in printed and "x Jacobi's)" in printed and "exact match, single: plain" in printed

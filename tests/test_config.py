@@ -185,7 +185,8 @@ def test_sampling_settings_are_frozen_checked_when_built_and_round_trip():
         SamplingConfig(compile=1)
     # the run config's section is the settings plus the training-time grids' own keys
     assert SETTINGS == ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p", "num_images", "seed",
-                        "speculative", "speculative_prior")
+                        "speculative", "speculative_prior", "speculative_draft", "speculative_tolerance",
+                        "speculative_neighbours")
     assert [f.name for f in dataclasses.fields(SamplingConfig)] == [*SETTINGS, "compile", "prompts"]
     cfg = load_config(SHAPES, ["sampling.speculative=8", "sampling.speculative_prior=uniform", "sampling.prompts=[a, b]"])
     assert cfg.sampling.prompts == ("a", "b") and cfg.to_dict()["sampling"]["prompts"] == ["a", "b"]

@@ -22,7 +22,8 @@ ROOT = Path(__file__).parent.parent
 SHAPES = ROOT / "configs" / "shapes.yaml"
 # the run's own sampling section: what every command must follow unless told otherwise
 SAMPLING = {"cfg_scale": 2.0, "cfg_schedule": "constant", "temperature": 0.8, "top_k": 0, "top_p": 0.95,
-            "num_images": 2, "seed": 5, "speculative": 0, "speculative_prior": "above"}
+            "num_images": 2, "seed": 5, "speculative": 0, "speculative_prior": "above", "speculative_draft": "",
+            "speculative_tolerance": 0.0, "speculative_neighbours": 8}
 PROMPTS = ["a big red circle in the top left", "a small blue square at the center and a big green circle on the right",
            "a small yellow triangle in the bottom right", "a big red circle in the top left"]
 
@@ -242,7 +243,8 @@ def test_sample_cli_writes_a_grid_with_its_settings(run, tmp_path, capsys):
     lines = [json.loads(x) for x in (tmp_path / "grid.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and lines[4]["prompt"] == PROMPTS[2] and lines[4]["image"] == 1
     assert lines[0]["settings"] == {"cfg_scale": 2.0, "cfg_schedule": "constant", "temperature": 0.8, "top_k": 50, "top_p": 0.95,
-                                 "speculative": 0, "speculative_prior": "above"}
+                                 "speculative": 0, "speculative_prior": "above", "speculative_draft": "",
+                                 "speculative_tolerance": 0.0, "speculative_neighbours": 8}
 
 
 def test_out_dir_writes_one_png_and_one_index_line_per_image_and_resumes(run, tmp_path):

@@ -234,7 +234,8 @@ def test_generate_leaves_training_mode_and_reads_the_config():
     text, mask = prompts()
     opts = sampling_options(SamplingConfig(cfg_scale=2.0, num_images=2, seed=3, top_k=5, temperature=0.7))
     assert opts == dict(cfg_scale=2.0, cfg_schedule="constant", temperature=0.7, top_k=5, top_p=1.0, num_images=2,
-                        seeds=3, speculative=0, speculative_prior="above", compile=False)
+                        seeds=3, speculative=0, speculative_prior="above", speculative_tolerance=0.0,
+                        speculative_neighbours=8, compile=False)
     codes = generate(model, text, mask, **opts)
     assert model.training
     same = generate(model.eval(), text, mask, num_images=2, cfg_scale=2.0, seeds=3, top_k=5, temperature=0.7)

@@ -363,6 +363,19 @@ class SamplingSettings:
     speculative_prior: DraftPrior = setting(
         "above", "drafts for positions entering a window: the code above, or uniform noise"
     )
+    speculative_draft: str = setting(
+        "", "a draft model's checkpoint dir (same tokenizer and text encoder; train.py distill) that proposes each "
+        "window, exact like the Jacobi drafts; \"\" = Jacobi self-drafting", flag="draft", metavar="DIR",
+    )
+    speculative_tolerance: float = setting(
+        0.0, "LOSSY: relaxed speculative acceptance (LANTERN): the target's mass of a draft's nearest codes, up to "
+        "this total-variation budget, counts for it; the images leave the model's distribution; 0 = exact",
+        Bounds(0, 1), metavar="DELTA",
+    )
+    speculative_neighbours: int = setting(
+        8, "the nearest codes (tokenizer latent space) a relaxed acceptance may count for a draft", Bounds(1),
+        metavar="K",
+    )
 
     def __post_init__(self) -> None:
         hints = _resolved_hints(type(self))
@@ -374,6 +387,14 @@ class SamplingSettings:
                 kind = "an integer" if isinstance(value, int) else "a finite number"
                 raise ConfigError(f"config key '{key}' must be {kind} {bounds}, got {value!r} ({f.metadata['help']})")
             object.__setattr__(self, f.name, value)  # ints widened to floats
+
+    @property
+    def lossy(self) -> str:
+        """Why images drawn with these settings do not follow the model's distribution ("" when they do)."""
+        if self.speculative and self.speculative_tolerance:
+            return (f"lossy: relaxed speculative acceptance (speculative_tolerance={self.speculative_tolerance}, "
+                    f"speculative_neighbours={self.speculative_neighbours})")
+        return ""
 
     def image_settings(self) -> dict[str, Any]:
         """What an image's draws depend on besides its seed: every setting but ``num_images`` and

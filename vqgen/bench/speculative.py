@@ -2,6 +2,12 @@
 
     python -m vqgen.bench speculative --checkpoint runs/demo/transformer \
         --prompts runs/demo/prompts/single.txt runs/demo/prompts/two.txt --speculative 16 --json spec.json
+    python -m vqgen.bench speculative --checkpoint runs/photos_target/transformer --draft runs/photos_draft/transformer --speculative 4 ...
+
+With ``--draft DIR`` a third sampler joins: the draft model proposes each window of W codes
+(``generate(..., draft=)``), beside plain decoding and Jacobi self-drafting at the same W;
+the report gives each one's forwards per image (the target's; the draft takes W steps per
+window) and wall clock, and the ratios plain / Jacobi, plain / draft and Jacobi / draft.
 
 Each prompts file is a set, named by its stem (the demo writes its evaluation sets, fresh
 captions none of which it trained on, to ``<run>/prompts/``). Both samplers use the
@@ -38,8 +44,8 @@ from vqgen.sampling.cli import add_setting_arguments, overrides, positive_int
 from vqgen.sampling.pipeline import Pipeline
 
 BATCHES = (1, 8)
-SAMPLERS = ("plain", "spec")
 WINDOW = 16  # the bench's speculative window unless --speculative sets one
+LABELS = {"plain": "plain", "spec": "speculative", "draft": "draft"}  # the samplers; "draft" with --draft
 
 
 def _timed(fn, device: torch.device) -> tuple[float, Any]:
@@ -61,7 +67,8 @@ def run_speculative_bench(
 ) -> dict[str, Any]:
     """Plain decoding against ``speculative=W`` on ``prompt_sets`` (name -> prompts) -> the
     JSON-ready result. ``changes`` replace some of the checkpoint's sampling settings; W is
-    the resulting ``speculative``, which must be >= 1."""
+    the resulting ``speculative``, which must be >= 1; a ``speculative_draft`` adds the draft
+    sampler at the same W."""
     if not (checkpoint / "config.json").is_file():
         raise ValueError(f"--checkpoint {checkpoint} holds no config.json; give a transformer checkpoint directory")
     previous = torch.get_num_threads()
@@ -80,17 +87,23 @@ def _run(checkpoint: Path, sets: dict[str, list[str]], changes: dict[str, Any], 
     if settings.speculative < 1:
         raise ValueError(f"--speculative must be >= 1 (the window compared with plain decoding), got {settings.speculative}")
     options = sampling_options(settings)
+    if settings.lossy:
+        options["neighbours"] = pipeline.code_neighbours(settings.speculative_neighbours)
     samplers = {"plain": dict(speculative=0), "spec": dict(speculative=settings.speculative)}
+    if settings.speculative_draft:
+        samplers["draft"] = dict(speculative=settings.speculative, draft=pipeline.draft(settings.speculative_draft))
+    names = tuple(samplers)
 
     result: dict[str, Any] = {
         "device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "checkpoint": str(checkpoint), "window": settings.speculative,
         "prior": settings.speculative_prior, "grid": list(model.cfg.grid), "vocab": model.cfg.vocab_size,
+        "draft": settings.speculative_draft, "lossy": settings.lossy,
         "settings": dataclasses.asdict(settings), "num_prompts": {name: len(prompts) for name, prompts in sets.items()},
         "sets": {},
     }
-    seconds = {(b, name): 0.0 for b in BATCHES for name in SAMPLERS}
-    forwards = {name: [] for name in SAMPLERS}
+    seconds = {(b, name): 0.0 for b in BATCHES for name in names}
+    forwards = {name: [] for name in names}
     for set_name, prompts in sets.items():
         text, mask = pipeline.encoder.encode(prompts)  # [P, L, d], [P, L]
 
@@ -99,14 +112,14 @@ def _run(checkpoint: Path, sets: dict[str, list[str]], changes: dict[str, Any], 
             return generate(model, text[chunk][:, valid].to(device), mask[chunk][:, valid].to(device),
                             return_forwards=True, **(options | samplers[name]))
 
-        for name in SAMPLERS:  # warm-up (first calls allocate caches)
+        for name in names:  # warm-up (first calls allocate caches)
             run(name, slice(0, max(BATCHES)))
-        per_set: dict[str, dict[str, Any]] = {name: {} for name in SAMPLERS}
+        per_set: dict[str, dict[str, Any]] = {name: {} for name in names}
         for b in BATCHES:
-            codes: dict[str, list[Tensor]] = {name: [] for name in SAMPLERS}
+            codes: dict[str, list[Tensor]] = {name: [] for name in names}
             for i, start in enumerate(range(0, len(prompts), b)):
                 chunk = slice(start, start + b)
-                for name in SAMPLERS if i % 2 == 0 else SAMPLERS[::-1]:  # alternate who goes first
+                for name in names if i % 2 == 0 else names[::-1]:  # alternate who goes first
                     elapsed, (c, f) = _timed(lambda: run(name, chunk), model.bos.device)
                     seconds[b, name] += elapsed
                     per_set[name][f"seconds_b{b}"] = per_set[name].get(f"seconds_b{b}", 0.0) + elapsed
@@ -115,12 +128,12 @@ def _run(checkpoint: Path, sets: dict[str, list[str]], changes: dict[str, Any], 
                         forwards[name].append(f)
                         per_set[name].setdefault("forwards", []).append(f)
             if b == BATCHES[0]:
-                first_codes = {name: torch.cat(codes[name]) for name in SAMPLERS}
+                first_codes = {name: torch.cat(codes[name]) for name in names}
             else:  # each image is the same at every batch size
-                per_set["batch_independent"] = all(torch.equal(first_codes[n], torch.cat(codes[n])) for n in SAMPLERS)
-            print(f"  {set_name} batch {b}: plain {per_set['plain'][f'seconds_b{b}']:.1f} s, "
-                  f"speculative {per_set['spec'][f'seconds_b{b}']:.1f} s", file=sys.stderr, flush=True)
-        for name in SAMPLERS:
+                per_set["batch_independent"] = all(torch.equal(first_codes[n], torch.cat(codes[n])) for n in names)
+            times = ", ".join(f"{LABELS[name]} {per_set[name][f'seconds_b{b}']:.1f} s" for name in names)
+            print(f"  {set_name} batch {b}: {times}", file=sys.stderr, flush=True)
+        for name in names:
             images = pipeline.tokenizer.decode(first_codes[name]).clamp(-1, 1)
             exact = adherence(images, prompts)["exact"]
             f = torch.cat(per_set[name].pop("forwards")).double()
@@ -130,30 +143,44 @@ def _run(checkpoint: Path, sets: dict[str, list[str]], changes: dict[str, Any], 
             result[f"exact_{set_name}_{name}_se"] = _standard_error(exact, len(prompts))
         result["sets"][set_name] = per_set
 
-    mean_forwards = {name: float(torch.cat(forwards[name]).double().mean()) for name in SAMPLERS}
+    mean_forwards = {name: float(torch.cat(forwards[name]).double().mean()) for name in names}
     result["forwards_per_image"] = mean_forwards
     result["passes_ratio_b1"] = mean_forwards["plain"] / mean_forwards["spec"]
+    if "draft" in names:  # draft against plain, and against Jacobi at the same W
+        result["passes_ratio_b1_draft"] = mean_forwards["plain"] / mean_forwards["draft"]
+        result["passes_ratio_b1_draft_vs_jacobi"] = mean_forwards["spec"] / mean_forwards["draft"]
     for b in BATCHES:
-        result[f"seconds_b{b}"] = {name: seconds[b, name] for name in SAMPLERS}
+        result[f"seconds_b{b}"] = {name: seconds[b, name] for name in names}
         result[f"wall_ratio_b{b}"] = seconds[b, "plain"] / seconds[b, "spec"]
+        if "draft" in names:
+            result[f"wall_ratio_b{b}_draft"] = seconds[b, "plain"] / seconds[b, "draft"]
+            result[f"wall_ratio_b{b}_draft_vs_jacobi"] = seconds[b, "spec"] / seconds[b, "draft"]
     return result
 
 
 def format_report(r: dict[str, Any]) -> str:
     sizes = ", ".join(f"{n} {name}" for name, n in r["num_prompts"].items())
+    names = tuple(r["forwards_per_image"])
+    fw = r["forwards_per_image"]
     lines = [
         f"{r['device']}, {r['threads']} threads, torch {r['torch']}; grid {r['grid'][0]}x{r['grid'][1]}, "
         f"vocab {r['vocab']}, window {r['window']} ({r['prior']} prior), prompts: {sizes}",
-        f"forwards per image: plain {r['forwards_per_image']['plain']:.1f}, speculative "
-        f"{r['forwards_per_image']['spec']:.2f} ({r['passes_ratio_b1']:.2f}x fewer)",
+        *([f"draft model: {r['draft']}"] if r.get("draft") else []),
+        *([f"LOSSY: {r['lossy']}: the speculative samplers leave the model's distribution"] if r.get("lossy") else []),
+        f"forwards per image: plain {fw['plain']:.1f}, speculative {fw['spec']:.2f} ({r['passes_ratio_b1']:.2f}x fewer)"
+        + (f", draft {fw['draft']:.2f} ({r['passes_ratio_b1_draft']:.2f}x fewer; "
+           f"{r['passes_ratio_b1_draft_vs_jacobi']:.2f}x Jacobi's)" if "draft" in names else ""),
     ]
     for b in BATCHES:
         sec = r[f"seconds_b{b}"]
-        lines.append(f"batch {b}: plain {sec['plain']:.1f} s, speculative {sec['spec']:.1f} s ({r[f'wall_ratio_b{b}']:.2f}x)")
+        line = f"batch {b}: plain {sec['plain']:.1f} s, speculative {sec['spec']:.1f} s ({r[f'wall_ratio_b{b}']:.2f}x)"
+        if "draft" in names:
+            line += (f", draft {sec['draft']:.1f} s ({r[f'wall_ratio_b{b}_draft']:.2f}x; "
+                     f"{r[f'wall_ratio_b{b}_draft_vs_jacobi']:.2f}x Jacobi's)")
+        lines.append(line)
     for name in r["sets"]:
-        plain, spec = (r[f"exact_{name}_{s}"] for s in SAMPLERS)
-        se_plain, se_spec = (r[f"exact_{name}_{s}_se"] for s in SAMPLERS)
-        lines.append(f"exact match, {name}: plain {plain:.1%} ± {se_plain:.1%}, speculative {spec:.1%} ± {se_spec:.1%}")
+        shown = ", ".join(f"{LABELS[s]} {r[f'exact_{name}_{s}']:.1%} ± {r[f'exact_{name}_{s}_se']:.1%}" for s in names)
+        lines.append(f"exact match, {name}: {shown}")
     return "\n".join(lines)
 
 

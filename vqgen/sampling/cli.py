@@ -3,10 +3,11 @@
     python sample.py --checkpoint runs/demo --prompt "a big red circle in the top left" --num 4 --out grid.png
     python sample.py --checkpoint runs/demo --prompts prompts.txt --out-dir samples/
     python sample.py --checkpoint you/vqgen-shapes --prompt "a small blue square" --out grid.png   # a Hub repo
+    python sample.py --checkpoint runs/photos_target --draft runs/photos_draft --speculative 4 --prompts p.txt --out-dir s/
     accelerate launch --num_processes 8 sample.py --checkpoint runs/demo --prompts prompts.jsonl --out-dir samples/
 
 Settings: the sampling section saved with the run (guidance, temperature, top-k/top-p, images
-per prompt, seed, speculative window and prior: the fields of vqgen.config.SamplingSettings)
+per prompt, seed, speculative window, prior and draft: the fields of vqgen.config.SamplingSettings)
 unless a flag sets one; a JSONL prompt line may set its own under the field's name ("seed",
 "cfg_scale", "num_images", ...). The effective settings are printed and saved with the images.
 
@@ -52,9 +53,11 @@ def setting_type(name: str):
     """An argparse type for sampling setting ``name``: the flag's text read as YAML (as in a
     ``sampling.<name>=...`` config override), checked by ``SamplingSettings``."""
 
+    text_valued = typing.get_type_hints(SamplingSettings)[name] is str  # a path stays the text it is
+
     def parse(text: str) -> Any:
         try:
-            return getattr(SamplingSettings(**{name: yaml.safe_load(text)}), name)
+            return getattr(SamplingSettings(**{name: text if text_valued else yaml.safe_load(text)}), name)
         except (ConfigError, yaml.YAMLError) as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -91,8 +94,11 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 def describe(pipeline: Pipeline, settings: SamplingSettings, flagged: dict[str, Any]) -> str:
     """One line per fact: checkpoint, weights, settings (a * marks a value set by a flag)."""
     shown = " ".join(f"{k}={v}{'*' if k in flagged else ''}" for k, v in dataclasses.asdict(settings).items())
-    return (f"checkpoint: {pipeline.checkpoint} (weights: {pipeline.weights})\n"
-            f"sampling:   {shown}  (the checkpoint's; * = set on the command line)")
+    lines = [f"checkpoint: {pipeline.checkpoint} (weights: {pipeline.weights})",
+             f"sampling:   {shown}  (the checkpoint's; * = set on the command line)"]
+    if settings.lossy:
+        lines.append(f"LOSSY:      {settings.lossy}: the images do not follow the model's distribution")
+    return "\n".join(lines)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -140,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.encode(texts[k : k + 256])
         flagged = overrides(args)
         entries = plan(prompts, pipeline, flagged)
+        for draft in sorted({dict(e.settings)["speculative_draft"] for e in entries} - {""}):
+            pipeline.draft(draft)  # loaded and checked against the transformer before any sampling
         runtime = {"compile": True} if args.compile else {}
         if state.is_main_process:
             print(describe(pipeline, pipeline.settings(**flagged), flagged))

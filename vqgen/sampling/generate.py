@@ -33,8 +33,11 @@ from torch import Tensor
 
 from vqgen.config import SETTINGS, DraftPrior, GuidanceSchedule, SamplingConfig, SamplingSettings
 from vqgen.model import Context, KVCache, Transformer
+from vqgen.sampling.draft import check_draft, draft_decode, draft_logits
 from vqgen.sampling.draws import SCHEDULES, draw_uniforms, guidance_scales, guide, sample_logits
+from vqgen.sampling.relaxed import nearest_codes
 from vqgen.sampling.speculative import speculative_decode, window_logits
+from vqgen.tokenizer import digit_vectors
 
 __all__ = ["SCHEDULES", "decode_one", "generate", "sampling_options", "text_bucket"]
 
@@ -82,6 +85,10 @@ def generate(
     seeds: Tensor | int = 0,
     speculative: int = 0,
     speculative_prior: DraftPrior = "above",
+    draft: Transformer | None = None,
+    speculative_tolerance: float = 0.0,
+    speculative_neighbours: int = 8,
+    neighbours: Tensor | None = None,
     use_cache: bool = True,
     compile: bool = False,
     cache_dtype: torch.dtype | None = None,
@@ -102,6 +109,14 @@ def generate(
     draws from it (the seed fixes each image's draws for a given W; see ``speculative.py``).
     ``speculative_prior``: the draft of a position entering a window, ``"above"`` (the code
     above it in the grid) or ``"uniform"`` (a random code).
+    ``draft``: a small model over the same codes and text (``draft.check_draft``) proposes each
+    window of W codes instead, and the target verifies them and a bonus position in one forward
+    (``draft.py``); still exact, other draws again (fixed by seed, W and draft).
+    ``speculative_tolerance`` delta > 0 (lossy, off by default): relaxed acceptance by latent
+    proximity (``relaxed.py``), over each code's ``speculative_neighbours`` k nearest codes:
+    ``neighbours`` [V, >= k] from ``relaxed.nearest_codes`` over the tokenizer's code vectors
+    (default for an FSQ model that records its levels: digit space). The images then no longer
+    follow the model's distribution.
     ``use_cache=False`` recomputes the whole prefix at every step (the baseline the fast path
     is measured against). ``cache_dtype`` stores keys/values in another dtype (default: the
     model's on GPU, float32 on CPU); attention math runs in the wider of it and the model's.
@@ -110,10 +125,16 @@ def generate(
     SamplingSettings(  # a bad setting raises here, as at config load and on the command line
         cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p,
         num_images=num_images, speculative=speculative, speculative_prior=speculative_prior,
+        speculative_tolerance=speculative_tolerance, speculative_neighbours=speculative_neighbours,
         **({"seed": seeds} if isinstance(seeds, int) else {}),
     )
     if speculative and not use_cache:
         raise ValueError("speculative decoding needs the cache; drop use_cache=False or set speculative=0")
+    if draft is not None:
+        check_draft(model, draft)
+    relaxed = speculative_tolerance if speculative else 0.0  # plain decoding is exact whatever the tolerance
+    if relaxed:
+        neighbours = code_neighbours(model, neighbours, speculative_neighbours)
     h, w = model.cfg.grid
     N, device = h * w, model.bos.device
     B = text.shape[0] * num_images
@@ -132,8 +153,10 @@ def generate(
     drop = torch.tensor([False, True][:streams], device=device).repeat(B)  # [S]
     opts: dict[str, Any] = dict(guided=guided, temperature=temperature, top_k=top_k, top_p=top_p)
 
-    was_training = model.training
+    was_training, draft_training = model.training, draft is not None and draft.training
     model.eval()
+    if draft is not None:
+        draft.eval()
     try:
         context = model.context(text, text_mask, drop)
         rows = torch.arange(len(drop), device=device)
@@ -142,21 +165,35 @@ def generate(
         # baseline recomputes everything each step, so it gets its text unpadded
         L = context.tokens.shape[1]
         text_len = text_bucket(L, model.cfg.max_text_len + 1) if use_cache else L
-        cache = model.setup_caches(len(rows), N + window, text_len, dtype)
+        # a draft window verifies W drafts and a bonus position: one slot more than a Jacobi window
+        cache = model.setup_caches(len(rows), N + window + (draft is not None and window > 0), text_len, dtype)
         model.write_text(cache, rows, context)
         forwards = torch.full((B,), N, dtype=torch.long)
         if not use_cache:
             codes = full_recompute(model, cache, context, seeds, scales, **opts)
+        elif window and draft is not None:
+            # the draft's own cache and context: its text blocks over the same embeddings, the same rows
+            draft_context = draft.context(text, text_mask, drop)
+            draft_len = text_bucket(L, draft.cfg.max_text_len + 1)
+            draft_cache = (draft.setup_caches(len(rows), N + window, draft_len, dtype) if draft is not model
+                           else KVCache(draft.cfg, len(rows), N + window, draft_len, dtype, device))  # not the target's
+            draft.write_text(draft_cache, rows, draft_context)
+            steps = tuple(compiled(f, device.type) if compile else f for f in (window_logits, draft_logits))
+            codes, forwards = draft_decode(model, draft, cache, draft_cache, steps, seeds, window, scales,
+                                           compact=not compile, tolerance=relaxed, neighbours=neighbours, **opts)
         elif window:
             step = compiled(window_logits, device.type) if compile else window_logits
             codes, forwards = speculative_decode(
-                model, cache, step, seeds, window, scales, compact=not compile, prior=speculative_prior, **opts
+                model, cache, step, seeds, window, scales, compact=not compile, prior=speculative_prior,
+                tolerance=relaxed, neighbours=neighbours, **opts
             )
         else:
             codes = plain_decode(model, cache, seeds, scales, compile, opts)
         return (codes.view(B, h, w), forwards) if return_forwards else codes.view(B, h, w)
     finally:
         model.train(was_training)
+        if draft is not None:
+            draft.train(draft_training)
 
 
 def plain_decode(model: Transformer, cache: KVCache, seeds: Tensor, scales: Tensor, compile: bool, opts: dict) -> Tensor:
@@ -195,10 +232,29 @@ def full_recompute(
     return codes
 
 
+def code_neighbours(model: Transformer, neighbours: Tensor | None, k: int) -> Tensor:
+    """The table [V, k] of each code's k nearest codes that relaxed acceptance reads: the first
+    k columns of ``neighbours``, or, where none is given, those of an FSQ model's digit space."""
+    if neighbours is None:
+        if model.cfg.code_levels is None:
+            raise ValueError(
+                "relaxed acceptance (speculative_tolerance > 0) needs each code's nearest codes in the tokenizer's "
+                "latent space: pass neighbours=nearest_codes(tokenizer.code_vectors(), k) (Pipeline does)"
+            )
+        neighbours = nearest_codes(digit_vectors(model.cfg.code_levels), k)
+    if neighbours.shape[0] != model.cfg.vocab_size or neighbours.shape[1] < k:
+        raise ValueError(f"neighbours must be [{model.cfg.vocab_size}, >= {k}] (codes x nearest codes), "
+                         f"got {tuple(neighbours.shape)}")
+    return neighbours[:, :k].to(model.bos.device)
+
+
 def sampling_options(settings: SamplingSettings) -> dict[str, Any]:
     """``generate`` keyword arguments for ``settings`` (``seeds=seed``: image i of every prompt
-    at seed + i); a run config's ``sampling`` section also gives ``compile``."""
-    options = {name: getattr(settings, name) for name in SETTINGS}
+    at seed + i); a run config's ``sampling`` section also gives ``compile``. A draft is a
+    model, not a setting, to ``generate``: ``speculative_draft`` (its checkpoint) is left out;
+    load it and pass ``draft=`` (``Pipeline`` does). Exact draft speculation leaves the
+    distribution as it is, so a sampler without it draws from the same one."""
+    options = {name: getattr(settings, name) for name in SETTINGS if name != "speculative_draft"}
     options["seeds"] = options.pop("seed")
     if isinstance(settings, SamplingConfig):
         options["compile"] = settings.compile

@@ -7,7 +7,7 @@ prompt-major order, and ``run_job`` samples it into a folder::
     DIR/000000_000.png ...   image i of prompt p is "{p:06d}_{i:03d}.png"
     DIR/index.jsonl          one line per image, in file order:
                              {"file", "prompt", "prompt_index", "image", "seed", "settings",
-                              "checkpoint", "weights"}
+                              "checkpoint", "weights"} (+ "lossy": why, for a lossy setting)
     DIR/job.json             what the folder holds (checkpoint, batch size, a fingerprint of the
                              image list): a restart with other settings is refused
 
@@ -62,8 +62,11 @@ class ImageEntry:
     settings: tuple[tuple[str, Any], ...]  # sorted (key, value) pairs, hashable: groups a block's calls
 
     def record(self, checkpoint: str, weights: str) -> dict[str, Any]:
-        """This image's ``index.jsonl`` line."""
-        return {**asdict(self), "settings": dict(self.settings), "checkpoint": checkpoint, "weights": weights}
+        """This image's ``index.jsonl`` line; with ``"lossy"`` saying why when its settings leave
+        the model's distribution (a relaxed speculative acceptance)."""
+        lossy = SamplingSettings(**dict(self.settings)).lossy
+        return {**asdict(self), "settings": dict(self.settings), "checkpoint": checkpoint, "weights": weights,
+                **({"lossy": lossy} if lossy else {})}
 
 
 def read_prompt_file(path: Path) -> list[Prompt]:

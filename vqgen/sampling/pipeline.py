@@ -38,9 +38,11 @@ from vqgen.checkpoint import CheckpointError, find_export, load_config_json, res
 from vqgen.config import SETTINGS, ConfigError, SamplingSettings
 from vqgen.model import Transformer
 from vqgen.progress import progress_bar
+from vqgen.sampling.draft import check_draft
 from vqgen.sampling.generate import generate
 from vqgen.sampling.quantize import quantize as quantize_model
 from vqgen.sampling.quantize import resolve_mode
+from vqgen.sampling.relaxed import nearest_codes
 from vqgen.text import PromptError, TextEncoder
 from vqgen.tokenizer import VQTokenizer
 
@@ -70,11 +72,13 @@ class Pipeline:
     defaults: SamplingSettings = field(default_factory=SamplingSettings)  # the checkpoint's sampling settings
     checkpoint: str = ""  # where the transformer was loaded from
     weights: str = "raw"  # "ema (decay D)" when the export holds EMA weights
+    drafts: dict[str, Transformer] = field(default_factory=dict)  # draft models by speculative_draft, loaded once
+    neighbours: dict[int, Tensor] = field(default_factory=dict)  # relaxed acceptance's nearest codes, by k
 
     @classmethod
     def from_pretrained(
         cls, checkpoint: str | Path, tokenizer_dir: str | Path | None = None, device: str | torch.device = "cpu",
-        quantize: str | None = None,
+        quantize: str | None = None, draft: str | Path | None = None,
     ) -> Pipeline:
         """Load a transformer checkpoint with its tokenizer (``tokenizer_dir`` overrides the one
         recorded at training time), its text encoder and its sampling settings; checks that
@@ -84,6 +88,9 @@ class Pipeline:
         a Hub repo's transformer uses the tokenizer in the same snapshot.
         ``quantize`` (``int8``, ``int8-dynamic``, ``int8-weight``) swaps the transformer for a
         sampling-only int8 copy (:func:`vqgen.sampling.quantize.quantize`).
+        ``draft`` (a checkpoint dir, as ``checkpoint``) becomes the default ``speculative_draft``;
+        the draft a checkpoint's settings name is loaded here too, once, and checked against the
+        transformer (:func:`vqgen.sampling.draft.check_draft`).
 
         The weights are the export's ``model.safetensors``: the EMA weights when the run
         trained with ``ema_decay > 0`` (the training loop exports those), the raw ones otherwise.
@@ -111,7 +118,28 @@ class Pipeline:
         weights = f"ema (decay {decay})" if decay else "raw"
         if quantize:
             weights += f", {resolve_mode(quantize, device)}"  # quantized images differ slightly: say so
-        return cls(transformer, tokenizer, encoder, defaults, str(transformer_dir.resolve()), weights)
+        if draft is not None:
+            defaults = dataclasses.replace(defaults, speculative_draft=str(draft))
+        pipeline = cls(transformer, tokenizer, encoder, defaults, str(transformer_dir.resolve()), weights)
+        if defaults.speculative_draft:
+            pipeline.draft(defaults.speculative_draft)
+        return pipeline
+
+    def draft(self, checkpoint: str) -> Transformer:
+        """The draft model of ``speculative_draft`` = ``checkpoint`` (a transformer export, a run
+        directory or a Hub repo id), loaded on first use and checked against the transformer."""
+        if checkpoint not in self.drafts:
+            directory = find_export(resolve_checkpoint(checkpoint), "transformer")
+            model = Transformer.from_pretrained(directory, device=self.device).eval()
+            check_draft(self.transformer, model, self.checkpoint, str(directory))
+            self.drafts[checkpoint] = model
+        return self.drafts[checkpoint]
+
+    def code_neighbours(self, k: int) -> Tensor:
+        """Each code's k nearest codes in the tokenizer's latent space [V, k], for relaxed acceptance."""
+        if k not in self.neighbours:
+            self.neighbours[k] = nearest_codes(self.tokenizer.code_vectors().to(self.device), k)
+        return self.neighbours[k]
 
     @property
     def device(self) -> torch.device:
@@ -145,11 +173,19 @@ class Pipeline:
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], **options: Any) -> tuple[Tensor, Tensor]:
         """One batch, one image per entry: ``prompts[k]`` drawn with seed ``seeds[k]`` ->
-        (codes [P, h, w], images [P, 3, H, W] in [-1, 1]). ``options`` go to :func:`generate`."""
+        (codes [P, h, w], images [P, 3, H, W] in [-1, 1]). ``options`` go to :func:`generate`, but
+        ``speculative_draft`` (a checkpoint) becomes the loaded ``draft`` model and a relaxed
+        acceptance gets the tokenizer's ``neighbours``."""
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per image")
         text, mask = self.encode(prompts)
         valid = mask.any(0)  # drop padding columns that no prompt of the batch uses
+        draft = options.pop("speculative_draft", "")
+        if draft and options.get("speculative"):
+            options["draft"] = self.draft(draft)
+        if options.get("speculative_tolerance") and options.get("speculative"):
+            k = options.get("speculative_neighbours", SamplingSettings.speculative_neighbours)
+            options["neighbours"] = self.code_neighbours(k)
         codes = generate(self.transformer, text[:, valid].to(self.device), mask[:, valid].to(self.device),
                          num_images=1, seeds=torch.tensor(list(seeds), dtype=torch.long), **options)
         return codes, self.tokenizer.decode(codes).clamp(-1, 1)

@@ -37,11 +37,13 @@ images leave the batch (``KVCache.keep`` moves their rows behind the others), so
 costing compute; compiled, the batch keeps its shape so the graph is recorded once. The loop
 reads the accepted counts on the host once per window, to know which images finished.
 
-One implementation of the window math: ``Windows.step`` verifies one forward's windows, redraws
-at the first rejection and drafts the next windows, for any set of images at their own
-positions (each with its own prior). ``speculative_decode`` (``generate``'s loop) and the
-server's continuous-batching scheduler (``vqgen.serve``), where images join and leave between
-windows, both drive it; each owns its forward, its guidance and the images' state.
+One implementation of the window math: ``Windows.verify`` verifies one forward's windows and
+redraws at the first rejection; ``Windows.step`` adds the next windows' Jacobi drafts, for any
+set of images at their own positions (each with its own prior). ``speculative_decode``
+(``generate``'s loop) and the server's continuous-batching scheduler (``vqgen.serve``), where
+images join and leave between windows, both drive ``step``; draft-model speculation
+(``draft.py``) drives ``verify``; each owns its forward, its guidance and the images' state.
+A relaxed test (``relaxed.py``, lossy) replaces p by a relaxed target inside ``verify``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from torch import Tensor
 from vqgen.config import DraftPrior
 from vqgen.model import KVCache, Transformer
 from vqgen.sampling.draws import draw_uniforms, guide, inverse_cdf, probabilities
+from vqgen.sampling.relaxed import relax
 
 PRIORS = typing.get_args(DraftPrior)  # drafts for positions entering a window
 
@@ -138,12 +141,18 @@ class Windows:
     when not all do.
     """
 
-    def __init__(self, model: Transformer, window: int, rows: int, guess: Tensor | None):
+    def __init__(
+        self, model: Transformer, window: int, rows: int, guess: Tensor | None, tolerance: float = 0.0,
+        neighbours: Tensor | None = None,
+    ):
         device = model.bos.device
         self.length, self.width, self.vocab = model.cfg.seq_len, model.cfg.grid[1], model.cfg.vocab_size
         self.slots = torch.arange(window, device=device)  # [W]
         self.lanes = torch.arange(rows, device=device)  # row indices, for picking each image's own slot
         self.guess = guess
+        if tolerance and neighbours is None:
+            raise ValueError("relaxed acceptance (tolerance > 0) needs the codes' neighbours: relaxed.nearest_codes")
+        self.tolerance, self.neighbours = tolerance, neighbours  # lossy when tolerance > 0 (relaxed.py)
 
     def positions(self, start: Tensor) -> Tensor:
         """start [A] -> the windows' positions [A, W]."""
@@ -156,28 +165,44 @@ class Windows:
         uniform = torch.full((A, W, V), 1 / V, device=codes.device)
         return _draft(codes, self.slots.expand(A, W), codes.new_zeros(A), uniform, uniforms[:, :W, 0], self.width, self.guess, copy)
 
-    def step(
-        self, p: Tensor, q: Tensor, codes: Tensor, pos: Tensor, uniforms: Tensor, copy: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """One window step: the forward gave p [A, W, V] at the windows' positions pos [A, W]
-        (its distribution at every position, given the codes before it in the window). Keep the
-        leading accepted drafts and a redraw at the first rejection in codes, and draft the next
-        window there -> (start [A] after the accepted codes, at most N; its drafts' q [A, W, V])."""
-        A, W = pos.shape
+    def verify(
+        self, p: Tensor, q: Tensor, codes: Tensor, pos: Tensor, uniforms: Tensor, drafted: int | None = None,
+    ) -> Tensor:
+        """Verify one forward's windows: the forward gave p [A, n, V] at positions pos [A, n] (its
+        distribution at every position, given the codes before it in the window), whose drafts
+        in codes were drawn from q [A, n, V]. Keep the leading accepted drafts and, at the first
+        rejection, a redraw from norm(max(0, p - q)) in codes -> the codes each image advances [A].
+
+        ``drafted``: only the first that many slots hold drafts (default all); a slot after them
+        is a bonus position, which draws from p when every draft before it was accepted (give it
+        q = 0). The acceptance test is exact, or relaxed (lossy) when the windows' tolerance > 0."""
+        A, n = pos.shape
+        drafted = n if drafted is None else drafted
         rows = self.lanes[:A]
-        # verify left to right: the leading accepted drafts, then a redraw at the first rejection
-        drafts = codes.gather(1, pos)  # [A, W]
-        u = uniforms[rows[:, None], pos]  # [A, W, 3]
-        p_x, q_x = (dist.gather(-1, drafts[..., None])[..., 0] for dist in (p, q))  # [A, W]
-        accepted = (u[..., 1] * q_x < p_x).long().cumprod(1).sum(1)  # [A]
-        rejected = accepted < W
-        at = accepted.clamp(max=W - 1)  # [A]: the first rejected slot
+        drafts = codes.gather(1, pos)  # [A, n]
+        if self.tolerance:
+            p = relax(p, drafts, self.neighbours, self.tolerance, drafted)
+        u = uniforms[rows[:, None], pos]  # [A, n, 3]
+        p_x, q_x = (dist.gather(-1, drafts[..., None])[..., 0] for dist in (p, q))  # [A, n]
+        accepted = (u[..., 1] * q_x < p_x)[:, :drafted].long().cumprod(1).sum(1)  # [A]
+        rejected = accepted < n
+        at = accepted.clamp(max=n - 1)  # [A]: the first rejected slot
         p_at = p[rows, at]  # [A, V]
         residual = (p_at - q[rows, at]).clamp(min=0)  # norm(max(0, p - q)), unnormalised
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p = q up to rounding: p is exact
         redraw = inverse_cdf(residual, u[rows, at, 2])  # [A]
         codes[rows, pos[rows, at]] = torch.where(rejected, redraw, drafts[rows, at])
-        advance = accepted + rejected.long()
+        return accepted + rejected.long()
+
+    def step(
+        self, p: Tensor, q: Tensor, codes: Tensor, pos: Tensor, uniforms: Tensor, copy: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One Jacobi window step: ``verify`` the forward's windows (p [A, W, V] at pos [A, W]),
+        then draft the next window in codes -> (start [A] after the accepted codes, at most N; its
+        drafts' q [A, W, V])."""
+        A, W = pos.shape
+        rows = self.lanes[:A]
+        advance = self.verify(p, q, codes, pos, uniforms)
         before = pos[:, 0]
         start = (before + advance).clamp(max=self.length)
 
@@ -203,6 +228,8 @@ def speculative_decode(
     top_p: float,
     compact: bool = True,
     prior: str = "above",
+    tolerance: float = 0.0,
+    neighbours: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Decode every image by windows of ``window`` codes -> (codes [B, N], forwards [B] on CPU:
     the model forwards each image took part in).
@@ -211,7 +238,8 @@ def speculative_decode(
     and ``N + window`` self-attention slots; ``step`` is ``window_logits`` or its compiled form;
     ``scales`` [N] the guidance per position. ``compact``: finished images leave the batch
     (eager only). The state of the images still running is kept in the cache's row order, so
-    it is reordered only when images finish.
+    it is reordered only when images finish. ``tolerance`` > 0 relaxes the acceptance test
+    (lossy: ``relaxed.py``) over the codes' ``neighbours`` [V, k].
     """
     if prior not in PRIORS:
         raise ValueError(f"unknown draft prior {prior!r}; choose one of {list(PRIORS)}")
@@ -226,7 +254,7 @@ def speculative_decode(
     images = torch.arange(B)  # the image in each row
 
     guess = cached_start_guess(model, cache.layers[0].k.dtype) if prior == "above" else None
-    windows = Windows(model, W, B, guess)
+    windows = Windows(model, W, B, guess, tolerance, neighbours)
     q = windows.open(codes, uniforms)
     while True:
         pos = windows.positions(start)  # [A, W]

@@ -114,6 +114,14 @@ class ImageService:
 
     def __init__(self, pipeline: Pipeline, config: ServeConfig = ServeConfig()):
         self.pipeline, self.config = pipeline, config
+        unsupported = [f"{name}={getattr(pipeline.defaults, name)!r}"
+                       for name in ("speculative_draft", "speculative_tolerance") if getattr(pipeline.defaults, name)]
+        if unsupported or pipeline.drafts:
+            raise ValueError(
+                f"vqgen serve decodes plainly or by Jacobi windows only, but the checkpoint's settings ask for "
+                f"{', '.join(unsupported) or 'a draft model'}; use sample.py for draft or relaxed (lossy) speculation, "
+                "or serve a checkpoint without those settings"
+            )
         model = pipeline.transformer
         self.grid, self.tokens = model.cfg.grid, model.cfg.seq_len
         self.scheduler = Scheduler(model, config.slots, config.max_queue, config.preview_rows, speculative=config.speculative)

@@ -204,6 +204,15 @@ def build_quantizer(cfg: TokenizerConfig) -> nn.Module:
     raise ConfigError(f"config key 'tokenizer.quantizer' is {cfg.quantizer!r}; choose 'fsq' or 'vq'")
 
 
+def digit_vectors(levels: list[int] | tuple[int, ...]) -> Tensor:
+    """Every FSQ code's digits, each scaled to [-1, 1] -> [V, len(levels)] float32 (code id =
+    sum_d digit_d * prod(levels[:d]), least significant digit first: ``VQTokenizer.code_levels``)."""
+    levels_t = torch.tensor(list(levels))
+    radix = torch.cat([torch.ones(1, dtype=torch.long), levels_t[:-1].cumprod(0)])  # [D]
+    digits = torch.arange(int(levels_t.prod()))[:, None] // radix % levels_t  # [V, D]
+    return (digits * (2 / (levels_t - 1)) - 1).float()
+
+
 class VQTokenizer(nn.Module):
     """Images in [-1, 1] <-> integer codes on an (H/f, W/f) grid.
 
@@ -234,6 +243,15 @@ class VQTokenizer(nn.Module):
         them, least significant first (code = sum_d digit_d * prod(levels[:d])), which the
         transformer's digit heads read (``TransformerConfig.code_head``)."""
         return list(self.cfg.fsq_levels) if self.cfg.quantizer == "fsq" else None
+
+    @torch.no_grad()
+    def code_vectors(self) -> Tensor:
+        """Every code's point in the latent space the quantizer rounds to -> [V, d] float32: an FSQ
+        code's digits scaled to [-1, 1] (d = len(levels)), a VQ code's codebook vector (l2-normalised:
+        the codebook compares by cosine). Codes near each other here decode to similar patches."""
+        if self.code_levels is not None:
+            return digit_vectors(self.code_levels)
+        return F.normalize(self.quantizer.codebook.float(), dim=-1)
 
     @property
     def grid(self) -> tuple[int, int]:
