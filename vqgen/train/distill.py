@@ -34,6 +34,7 @@ records the teacher (path, parameter count) and the distillation settings under 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -129,19 +130,21 @@ def heldout_kl(student: Transformer, teacher: Transformer, batches: list[dict]) 
 
 
 class CodeSet(Dataset):
-    """Chosen items of code datasets (``CodeShards``) as one: ``[(dataset, indices), ...]`` in
-    order -> ``ds[k] = {"codes", "caption"}``, with every caption in ``captions``."""
+    """Ranges of code datasets (``CodeShards``) as one: ``[(dataset, range), ...]`` in order ->
+    ``ds[k] = {"codes", "caption"}``, with every caption in ``captions``."""
 
-    def __init__(self, parts: list[tuple[Any, range | list[int]]]):
-        self.items = [(dataset, i) for dataset, indices in parts for i in indices]
-        self.captions = [dataset.captions[i] for dataset, i in self.items]
+    def __init__(self, parts: list[tuple[Any, range]]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(r) for _, r in parts]).tolist()
+        self.captions = [dataset.captions[i] for dataset, indices in parts for i in indices]
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.offsets[-1]
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        dataset, i = self.items[k]
-        return dataset[i]
+        part = bisect.bisect_right(self.offsets, k) - 1
+        dataset, indices = self.parts[part]
+        return dataset[indices[k - self.offsets[part]]]
 
 
 # --------------------------------------------------------------------------------------
@@ -168,14 +171,16 @@ def load_transformer(given: str, key: str) -> tuple[Path, dict[str, Any], Transf
     return directory, config, model
 
 
-def check_shared(student: TransformerConfig, teacher: TransformerConfig, student_source: str, teacher_dir: Path) -> None:
+def check_shared(student: TransformerConfig, teacher: TransformerConfig, student_source: str,
+                 teacher_dir: Path) -> None:
     """The student must read the teacher's codes and text: refuse a field of ``SHARED_FIELDS`` that differs."""
     differ = [f"{name}: {getattr(student, name)!r} (student) vs {getattr(teacher, name)!r} (teacher)"
               for name in SHARED_FIELDS if getattr(student, name) not in (None, getattr(teacher, name))]
     if differ:
         raise ConfigError(
             f"the student ({student_source}) must use the tokenizer and text encoder of its teacher {teacher_dir}, but "
-            f"{'; '.join(differ)}. Set them as the teacher has them (or leave vocab_size, grid, text_dim, code_levels unset)"
+            f"{'; '.join(differ)}. Set them as the teacher has them (or leave vocab_size, grid, text_dim, "
+            "code_levels unset)"
         )
 
 
@@ -223,7 +228,8 @@ def sample_codes(teacher: Transformer, teacher_dir: Path, cache, captions: list[
     meta = {
         "format": FORMAT, "grid": list(teacher.cfg.grid), "codebook_size": teacher.cfg.vocab_size,
         "dtype": code_dtype(teacher.cfg.vocab_size).name, "shard_size": SHARD_SIZE, "num_shards": num_shards,
-        "count": None, "teacher": str(teacher_dir.resolve()), "teacher_sha256": file_digest(teacher_dir / "model.safetensors"),
+        "count": None, "teacher": str(teacher_dir.resolve()),
+        "teacher_sha256": file_digest(teacher_dir / "model.safetensors"),
         "sampling": dataclasses.asdict(settings), "stream": stream,
         "captions_sha256": hashlib.sha256(json.dumps(captions).encode()).hexdigest(), "complete": False,
     }  # fmt: skip
@@ -242,7 +248,8 @@ def sample_codes(teacher: Transformer, teacher_dir: Path, cache, captions: list[
     rank, world = accelerator.process_index, accelerator.num_processes
     todo = [k for k in range(rank, num_shards, world) if not codes_path(directory, k).is_file()]
     total = sum(min(SHARD_SIZE, len(captions) - k * SHARD_SIZE) for k in todo)
-    bar = progress_bar(total=total, unit="seq", desc=f"teacher samples -> {directory}", disable=not accelerator.is_main_process)
+    bar = progress_bar(total=total, unit="seq", desc=f"teacher samples -> {directory}",
+                       disable=not accelerator.is_main_process)
     teacher.to(device)
     options = settings.image_settings()
     for shard in todo:
@@ -260,7 +267,8 @@ def sample_codes(teacher: Transformer, teacher_dir: Path, cache, captions: list[
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not json.loads((directory / META).read_text())["complete"]:
-        atomic_write_text(directory / META, json.dumps({**meta, "count": len(captions), "complete": True}, indent=2) + "\n")
+        done = {**meta, "count": len(captions), "complete": True}
+        atomic_write_text(directory / META, json.dumps(done, indent=2) + "\n")
     accelerator.wait_for_everyone()
     return CodeShards(directory)
 
@@ -322,7 +330,8 @@ def train_distill(cfg: Config, out_dir: Path) -> dict:
                             train_cfg.batch_size, accelerator)
 
     if train_cfg.teacher_samples:
-        extra = teacher_samples(training_captions(train_codes.captions, train_cfg.teacher_samples, settings.seed), "train", 0)
+        captions = training_captions(train_codes.captions, train_cfg.teacher_samples, settings.seed)
+        extra = teacher_samples(captions, "train", 0)
         train_codes = CodeSet([(shards, range(held)), (extra, range(len(extra)))])
     heldout_samples = teacher_samples(heldout_codes.captions, "heldout", 1)
     teacher.to(accelerator.device)
@@ -355,7 +364,8 @@ def train_distill(cfg: Config, out_dir: Path) -> dict:
         ),
         preview=make_preview(cfg, encoder, tokenizer),
         optimizers=lambda model, c: [
-            OptimizerSpec("transformer", param_groups(model.transformer, c.weight_decay), c.lr, tuple(c.betas), c.grad_clip)
+            OptimizerSpec("transformer", param_groups(model.transformer, c.weight_decay), c.lr, tuple(c.betas),
+                          c.grad_clip)
         ],
         evaluate=evaluate,
     )
