@@ -157,3 +157,15 @@ def test_a_student_starts_from_a_checkpoint_instead_of_model(teacher_run, tmp_pa
     trained = train_distill(config(teacher_run, "training.distill.steps=20", f"training.distill.student={tmp_path / 'pruned'}"),
                             tmp_path / "recovered")
     assert trained["heldout_kl"] < unchanged["heldout_kl"]
+
+
+def test_stages_written_before_the_distill_section_resume_and_a_distill_run_ignores_the_other_loops():
+    from vqgen.config import resume_changes
+
+    current = load_config(SHAPES).to_dict()
+    saved = json.loads(json.dumps(current))
+    del saved["training"]["distill"]  # a checkpoint of a version without distillation
+    assert resume_changes(saved, current, "transformer") == ([], [])
+    changed = load_config(SHAPES, ["training.transformer.lr=1.0", "training.distill.lr=1.0"]).to_dict()
+    refused, _ = resume_changes(current, changed, "distill")
+    assert refused == ["training.distill.lr: 0.002 -> 1.0"]

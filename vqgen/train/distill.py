@@ -49,8 +49,16 @@ from einops import rearrange
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from vqgen.checkpoint import CheckpointError, find_export, load_config_json, substate, trained_tokenizer, training_state
-from vqgen.config import Config, ConfigError, DistillTrainConfig, SamplingSettings, TransformerConfig
+from vqgen.checkpoint import (
+    CheckpointError,
+    find_export,
+    latest_checkpoint,
+    load_config_json,
+    substate,
+    trained_tokenizer,
+    training_state,
+)
+from vqgen.config import Config, ConfigError, DistillTrainConfig, SamplingSettings, TransformerConfig, check_resume
 from vqgen.data.codes import (
     FORMAT,
     META,
@@ -303,6 +311,9 @@ def train_distill(cfg: Config, out_dir: Path) -> dict:
     if teacher_dir.resolve() == out_dir.resolve():
         raise ConfigError(f"the student's directory {out_dir} is its teacher's (training.distill.teacher); give the "
                           "student its own output directory (--out DIR)")
+    previous = latest_checkpoint(out_dir)
+    if previous is not None:  # before any sampling: a resume the loop would refuse costs nothing
+        check_resume(previous / "config.json", cfg, "distill")
     accelerator = setup_accelerator(train_cfg, out_dir)
     student, student_source = build_student(cfg, teacher, teacher_dir)  # checks what they must share first
     tokenizer_path = teacher_tokenizer(train_cfg, teacher_config, teacher_dir)
