@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train the tokenizer or the transformer, or run the end-to-end demo: see ``python train.py -h``."""
+"""Train the tokenizer or the transformer, distil a transformer into a student (``distill``), or run the
+end-to-end demo: see ``python train.py -h``."""
 
 import sys
 

@@ -277,10 +277,18 @@ def resolve_checkpoint(name: str | Path) -> Path:
     return snapshot
 
 
+# where a run directory holds each kind of export: a distillation run's transformer is its student/
+RUN_EXPORTS = {"transformer": ("transformer", "student"), "tokenizer": ("tokenizer",)}
+
+
 def find_export(path: Path, kind: str) -> Path:
-    """The ``kind`` ("transformer", "tokenizer") export in ``path``: ``path/kind`` when ``path`` is a run
-    layout holding one (a run directory has a ``config.json`` of its own, the run config), else ``path``."""
-    return path / kind if (path / kind / "config.json").is_file() else path
+    """The ``kind`` ("transformer", "tokenizer") export in ``path``: ``path/transformer`` (else
+    ``path/student``, a distillation run's) or ``path/tokenizer`` when ``path`` is a run layout
+    holding one (a run directory has a ``config.json`` of its own, the run config), else ``path``."""
+    for sub in RUN_EXPORTS.get(kind, (kind,)):
+        if (path / sub / "config.json").is_file():
+            return path / sub
+    return path
 
 
 def trained_tokenizer(config: dict[str, Any], transformer_dir: Path, from_hub: bool = False) -> Path:

@@ -298,17 +298,58 @@ class TransformerTrainConfig(TrainConfig):
     text_cache: str = ""  # embedding cache dir; default <transformer dir>/text_cache
 
 
-@dataclass
-class TrainingConfig:
-    """The two training loops; each section starts from the same neutral ``TrainConfig``."""
-
-    tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
-    transformer: TransformerTrainConfig = field(default_factory=TransformerTrainConfig)
-
-
 GuidanceSchedule = Literal["constant", "linear"]  # linear: guidance ramps from 1 to cfg_scale over the codes
 DraftPrior = Literal["above", "uniform"]  # speculative drafts for positions entering a window
 MAX_SEED = 2**62 - 1  # a base seed plus an image index stays within torch.Generator's 64 bits
+
+
+@dataclass
+class TeacherSampling:
+    """How the teacher samples the sequences a student also learns on (``training.distill.sampling``):
+    each setting unset (null) takes the teacher checkpoint's own sampling setting (``SamplingSettings``)."""
+
+    cfg_scale: float | None = None
+    cfg_schedule: GuidanceSchedule | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None  # sequence k is drawn with the seed image_seed(seed, k, stream)
+    speculative: int | None = None  # the same distribution, fewer forwards (other draws)
+
+    def given(self) -> dict[str, Any]:
+        """The settings this section sets, by name."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
+class DistillTrainConfig(TransformerTrainConfig):
+    """Knowledge distillation into a student transformer (``python train.py distill``): the
+    transformer's loop and keys, plus the teacher and the loss.
+
+    The loss per code is ``kl_weight * temperature**2 * KL(teacher_T || student_T) + (1 - kl_weight)
+    * CE(student, data code)``, where ``p_T = softmax(logits / temperature)``; the tau^2 keeps the
+    KL's gradients at the CE's scale whatever the temperature (Hinton et al., 2015). ``tokenizer``
+    defaults to the teacher's; ``cond_dropout`` drops the same captions for teacher and student.
+    """
+
+    teacher: str = ""  # the teacher: a transformer export, or a run directory holding transformer/ (required)
+    # a transformer export (or run directory) whose architecture and weights start the student,
+    # instead of a fresh model.* (e.g. a pruned checkpoint, recovered by distillation)
+    student: str = ""
+    temperature: float = 1.0  # tau: the softmax temperature of both distributions in the KL term
+    kl_weight: float = 1.0  # share of the KL term in the loss; 1 - kl_weight goes to cross-entropy on the data codes
+    teacher_samples: int = 0  # sequences the teacher samples for training captions, mixed into batches (0 = off)
+    sampling: TeacherSampling = field(default_factory=TeacherSampling)
+    eval_num: int = 256  # held-out sequences (the code shards' last ones, never trained on) for the KL metric
+
+
+@dataclass
+class TrainingConfig:
+    """The training loops; each section starts from the same neutral ``TrainConfig``."""
+
+    tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+    transformer: TransformerTrainConfig = field(default_factory=TransformerTrainConfig)
+    distill: DistillTrainConfig = field(default_factory=DistillTrainConfig)
 
 
 @dataclass(frozen=True)
@@ -627,14 +668,33 @@ def validate(cfg: Config) -> None:
             f"config key 'data.caption_augmentation' is {augmentation}; use 0 (each caption as written) or, "
             f"for data.kind=shapes only (this is {cfg.data.kind!r}), the number of extra wordings per scene"
         )
-    cond_dropout = cfg.training.transformer.cond_dropout
-    if not 0 <= cond_dropout < 1:
-        raise ConfigError(f"config key 'training.transformer.cond_dropout' must lie in [0, 1), got {cond_dropout}")
+    for stage in ("transformer", "distill"):
+        cond_dropout = getattr(cfg.training, stage).cond_dropout
+        if not 0 <= cond_dropout < 1:
+            raise ConfigError(f"config key 'training.{stage}.cond_dropout' must lie in [0, 1), got {cond_dropout}")
+    _check_distill(cfg.training.distill)
     if cfg.data.resolution % cfg.tokenizer.downsample:
         raise ConfigError(
             f"config key 'data.resolution' ({cfg.data.resolution}) must be a multiple of "
             f"'tokenizer.downsample' ({cfg.tokenizer.downsample})"
         )
+
+
+def _check_distill(distill: DistillTrainConfig) -> None:
+    """The distillation settings that types alone cannot check (the teacher is checked when the run starts)."""
+    checks = [
+        ("temperature", distill.temperature > 0 and math.isfinite(distill.temperature), "a finite number > 0"),
+        ("kl_weight", 0 <= distill.kl_weight <= 1, "in [0, 1]"),
+        ("teacher_samples", distill.teacher_samples >= 0, "an integer >= 0"),
+        ("eval_num", distill.eval_num >= 1, "an integer >= 1"),
+    ]
+    for name, ok, what in checks:
+        if not ok:
+            raise ConfigError(f"config key 'training.distill.{name}' must be {what}, got {getattr(distill, name)!r}")
+    try:
+        SamplingSettings(**distill.sampling.given())  # each given setting within its range
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("'sampling.", "'training.distill.sampling.")) from None
 
 
 def resolve_run(
@@ -645,7 +705,7 @@ def resolve_run(
     (both training stages) and ``--out`` (``out_dir``)."""
     overrides = list(overrides or [])
     if report_to:
-        overrides += [f"training.tokenizer.report_to={report_to}", f"training.transformer.report_to={report_to}"]
+        overrides += [f"training.{stage}.report_to={report_to}" for stage in ("tokenizer", "transformer", "distill")]
     if out:
         overrides.append(f"out_dir={out}")
     return load_config(path, overrides)
@@ -662,6 +722,7 @@ MAY_CHANGE_ON_RESUME = (
     "out_dir",
     "data.num_workers",
     "training.transformer.text_cache",
+    "training.distill.text_cache",
     "sampling.*",
     "training.*.steps",
     "training.*.max_minutes",
@@ -671,10 +732,12 @@ MAY_CHANGE_ON_RESUME = (
     "training.*.report_to",
     "training.*.on_nan",
 )
-# sections a stage does not read: the transformer loads a trained tokenizer from its checkpoint
+# sections a stage does not read: the transformer loads a trained tokenizer from its checkpoint,
+# distillation the teacher's (a checkpoint written before a section existed lacks it: also not read)
 NOT_READ_BY = {
-    "tokenizer": ("model.*", "training.transformer.*", "data.caption_augmentation"),
-    "transformer": ("tokenizer.*", "training.tokenizer.*"),
+    "tokenizer": ("model.*", "training.transformer.*", "training.distill.*", "data.caption_augmentation"),
+    "transformer": ("tokenizer.*", "training.tokenizer.*", "training.distill.*"),
+    "distill": ("tokenizer.*", "training.tokenizer.*", "training.transformer.*"),
 }
 
 

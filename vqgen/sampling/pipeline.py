@@ -114,7 +114,8 @@ class Pipeline:
                 f"text encoder {transformer.cfg.text_encoder!r} gives {encoder.dim}-dim embeddings, "
                 f"but {transformer_dir} was trained on {transformer.cfg.text_dim}-dim ones"
             )
-        decay = (((config.get("run") or {}).get("training") or {}).get("transformer") or {}).get("ema_decay", 0.0)
+        stage = "distill" if "distill" in config else "transformer"  # the loop that wrote it (train.py distill: a student)
+        decay = (((config.get("run") or {}).get("training") or {}).get(stage) or {}).get("ema_decay", 0.0)
         weights = f"ema (decay {decay})" if decay else "raw"
         if quantize:
             weights += f", {resolve_mode(quantize, device)}"  # quantized images differ slightly: say so

@@ -1,10 +1,15 @@
-"""``python train.py {tokenizer,transformer,demo}`` (also under ``accelerate launch``).
+"""``python train.py {tokenizer,transformer,distill,demo}`` (also under ``accelerate launch``).
 
     python train.py tokenizer   --config configs/natural_f16_vq.yaml [key=value ...] [--out DIR]
     python train.py transformer --config configs/natural_t2i_B.yaml [key=value ...] [--out DIR]
+    python train.py distill     --config configs/shapes.yaml training.distill.teacher=runs/shapes [model.dim=64 ...]
     python train.py demo [--out runs/demo] [--config configs/shapes.yaml] [key=value ...]
 
-``tokenizer`` and ``transformer`` need ``--config``: every experiment is a file (the defaults
+``distill`` trains a student transformer (``model.*``, or the checkpoint
+``training.distill.student``) on a teacher's logits into ``<out_dir>/student``, an ordinary
+transformer export (see ``vqgen.train.distill``).
+
+``tokenizer``, ``transformer`` and ``distill`` need ``--config``: every experiment is a file (the defaults
 behind it are neutral, see ``python -m vqgen.config FILE`` for what it resolves to). ``demo``
 runs the CPU demo of ``configs/shapes.yaml`` unless given another config. Every run resumes
 from its latest checkpoint when started again with the same output directory; a resumed run
@@ -28,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in [
         ("tokenizer", "train the VQ tokenizer (out: <out_dir>/tokenizer)"),
         ("transformer", "train the transformer on the tokenizer's codes (out: <out_dir>/transformer)"),
+        ("distill", "train a student transformer on a teacher's logits (out: <out_dir>/student)"),
         ("demo", "tokenizer + transformer + samples + adherence report on the shapes set"),
     ]:
         p = sub.add_parser(name, help=help_)
@@ -65,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             from vqgen.train.transformer import train_transformer
 
             metrics = train_transformer(cfg, out / "transformer")
+        elif args.command == "distill":
+            from vqgen.train.distill import train_distill
+
+            metrics = train_distill(cfg, out / "student")
         else:
             from vqgen.train.demo import run_demo
 

@@ -15,7 +15,8 @@ both, with Accelerate (DDP, FSDP, DeepSpeed ZeRO 1/2, mixed precision), from the
 - ``checkpointing.Checkpointer``: atomic checkpoints every N steps and on SIGTERM/Ctrl-C, and
   exact resume; ``checkpointing.export`` at the end;
 - ``preview.Previews``: sample grids every N steps, and at the end after the checkpoint and
-  the export; a preview that fails is reported, and training goes on.
+  the export; a preview that fails is reported, and training goes on; the same weights give a
+  task's held-out metrics (``Task.evaluate``) at log steps.
 
 A step with a non-finite loss or gradient is skipped on the device; ``on_nan=stop`` stops at
 the next sync point, naming the first bad step, before anything after it is saved;
@@ -64,6 +65,9 @@ class Task:
     # gradient norm is logged as grad_norm, the others' as grad_norm_<name>. Default: one set
     # (``default_optimizers``).
     optimizers: Callable[[nn.Module, TrainConfig], list[OptimizerSpec]] | None = None
+    # (model with the weights the export will hold, step) -> held-out metrics, measured at every
+    # log step and at the end, and logged beside the training metrics (their names as given)
+    evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None
 
 
 def resolve_precision(mixed_precision: str) -> str:
@@ -117,7 +121,7 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         run_cfg.save(out_dir / "run_config.json")
-    previews = Previews(accelerator, task.preview, task.kind, task.model, out_dir)  # before prepare() shards it
+    previews = Previews(accelerator, task.preview, task.kind, task.model, out_dir, task.evaluate)  # before prepare() shards it
     specs = (task.optimizers or default_optimizers)(task.model, cfg)
     train_step = TrainStep(accelerator, task.model, specs, task.batches, cfg, task.kind)
     model, ema = train_step.model, train_step.ema
@@ -143,7 +147,8 @@ def fit(accelerator, task: Task, cfg: TrainConfig, run_cfg: Config, out_dir: Pat
             now = log.sync(step, wants_stop)  # the host reads the device's record; on_nan=stop raises here
             finishing = step >= cfg.steps or now.stop
             if log_due or finishing:
-                bar.set_postfix({k: f"{v:.4g}" for k, v in log.write(step, now).items() if k != "lr"})
+                held_out = previews.evaluate(model, ema, step)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in log.write(step, now, held_out).items() if k != "lr"})
             if save_due or finishing:
                 checkpoints.save(step, ema)
             if finishing:

@@ -126,13 +126,14 @@ class TrainingLog:
         self.seen = now
         return now
 
-    def write(self, step: int, now: Reading) -> dict[str, float]:
+    def write(self, step: int, now: Reading, held_out: dict[str, float] | None = None) -> dict[str, float]:
         """Log the window that ``now`` closes (if any of its steps was applied) to ``log.jsonl`` and
-        the trackers, and start a new one; returns the logged metrics (a collective)."""
+        the trackers, with the ``held_out`` metrics measured at ``step``, and start a new window;
+        returns the logged metrics (a collective)."""
         if not now.applied:
             return self.last
         world = self.accelerator.num_processes
-        last = dict(now.means)
+        last = dict(now.means) | dict(held_out or {})
         self.data_skipped = skipped_samples(self.batches, self.accelerator)
         last |= {f"skipped_{k}": v for k, v in self.data_skipped.items() if v}
         elapsed = time.perf_counter() - self.record.started

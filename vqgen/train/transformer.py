@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vqgen.checkpoint import substate, training_state
-from vqgen.config import Config, ConfigError
+from vqgen.config import Config, ConfigError, TransformerConfig
 from vqgen.data.codes import CodeShards, encode_dataset
 from vqgen.data.shapes import wording
 from vqgen.eval.scene import parse_caption
@@ -47,15 +47,22 @@ class NextCodeLoss(nn.Module):
         super().__init__()
         self.transformer, self.cond_dropout = transformer, cond_dropout
 
+    def dropped_captions(self, batch: dict) -> Tensor | None:
+        """Which rows train on the null caption [B] (None: none), drawn in training mode only."""
+        if not (self.training and self.cond_dropout > 0):
+            return None
+        text = batch["text"]
+        return torch.rand(text.shape[0], device=text.device) < self.cond_dropout
+
     def forward(self, batch: dict, step: int) -> tuple[Tensor, dict]:
         codes = rearrange(batch["codes"], "b h w -> b (h w)")  # [B, N]
-        text = batch["text"]
-        drop = None
-        if self.training and self.cond_dropout > 0:
-            drop = torch.rand(codes.shape[0], device=text.device) < self.cond_dropout  # [B]
-        logits = self.transformer(codes, text, batch["text_mask"], drop_cond=drop)  # [B, N, V]
-        loss = F.cross_entropy(rearrange(logits.float(), "b n v -> (b n) v"), rearrange(codes, "b n -> (b n)"))
-        return loss, {"tokens": codes.numel()}
+        logits = self.transformer(codes, batch["text"], batch["text_mask"], drop_cond=self.dropped_captions(batch))
+        return next_code_loss(logits, codes), {"tokens": codes.numel()}
+
+
+def next_code_loss(logits: Tensor, codes: Tensor) -> Tensor:
+    """Mean cross-entropy (nats) of logits [B, N, V] against the codes [B, N] they predict."""
+    return F.cross_entropy(rearrange(logits.float(), "b n v -> (b n) v"), rearrange(codes, "b n -> (b n)"))
 
 
 class TrainingCaptions:
@@ -121,14 +128,25 @@ def unigram_loss(shards) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def prepare_codes(cfg: Config, out_dir: Path, accelerator):
+def prepare_codes(cfg: Config, out_dir: Path, accelerator, tokenizer: Path | None = None):
     """Code shards for training: ``data.codes`` if given, else encode ``cfg.data`` once into
-    ``<out_dir>/codes`` with the tokenizer (resumable; split across processes)."""
+    ``<out_dir>/codes`` with the tokenizer at ``tokenizer`` (default: ``tokenizer_dir``; resumable,
+    split across processes)."""
     if cfg.data.codes:
         return CodeShards(cfg.data.codes)
     codes_dir = Path(out_dir) / "codes"
-    encode_dataset(tokenizer_dir(cfg, out_dir), cfg.data, codes_dir, accelerator=accelerator)
+    encode_dataset(tokenizer or tokenizer_dir(cfg, out_dir), cfg.data, codes_dir, accelerator=accelerator)
     return CodeShards(codes_dir)
+
+
+def check_codes(shards, tokenizer: VQTokenizer, tokenizer_path: Path) -> None:
+    """Refuse code shards of another codebook or grid than the tokenizer's."""
+    if (shards.codebook_size, tuple(shards.grid)) != (tokenizer.codebook_size, tuple(tokenizer.grid)):
+        raise ConfigError(
+            f"code shards {shards.directory} hold codes of a codebook of {shards.codebook_size} on a {shards.grid} grid, "
+            f"but tokenizer {tokenizer_path} has {tokenizer.codebook_size} codes on {tokenizer.grid}; "
+            "re-encode the data with this tokenizer"
+        )
 
 
 def tokenizer_dir(cfg: Config, out_dir: Path) -> Path:
@@ -143,10 +161,11 @@ def tokenizer_dir(cfg: Config, out_dir: Path) -> Path:
     return path
 
 
-def build_text(cfg: Config, out_dir: Path, captions: list[str], accelerator):
-    """The frozen text encoder and an embedding cache holding every training caption."""
-    encoder = TextEncoder(cfg.model.text_encoder, max_length=cfg.model.max_text_len)
-    cache = EmbeddingCache(cfg.training.transformer.text_cache or Path(out_dir) / "text_cache", encoder)
+def build_text(model_cfg: TransformerConfig, cache_dir: Path, captions: list[str], accelerator):
+    """The frozen text encoder of ``model_cfg`` (``text_encoder``, ``max_text_len``) and an
+    embedding cache in ``cache_dir`` holding every caption."""
+    encoder = TextEncoder(model_cfg.text_encoder, max_length=model_cfg.max_text_len)
+    cache = EmbeddingCache(cache_dir, encoder)
     unique = sorted(set(captions))
     rank, world = accelerator.process_index, accelerator.num_processes
     cache.build(unique[rank::world])  # each process encodes its share, then all read all
@@ -181,14 +200,9 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
     accelerator = setup_accelerator(train_cfg, out_dir)
     shards = prepare_codes(cfg, out_dir, accelerator)
     tokenizer = VQTokenizer.from_pretrained(tokenizer_dir(cfg, out_dir)).eval()
-    if (shards.codebook_size, tuple(shards.grid)) != (tokenizer.codebook_size, tuple(tokenizer.grid)):
-        raise ConfigError(
-            f"code shards {shards.directory} hold codes of a codebook of {shards.codebook_size} on a {shards.grid} grid, "
-            f"but tokenizer {tokenizer_dir(cfg, out_dir)} has {tokenizer.codebook_size} codes on {tokenizer.grid}; "
-            "re-encode the data with this tokenizer"
-        )
+    check_codes(shards, tokenizer, tokenizer_dir(cfg, out_dir))
     captions = TrainingCaptions.from_config(cfg, shards)
-    encoder, cache = build_text(cfg, out_dir, captions.all(), accelerator)
+    encoder, cache = build_text(cfg.model, Path(train_cfg.text_cache or out_dir / "text_cache"), captions.all(), accelerator)
 
     model_cfg = cfg.model.complete(tokenizer.codebook_size, tokenizer.grid, encoder.dim, tokenizer.code_levels)
     transformer = Transformer(model_cfg)
