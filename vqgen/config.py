@@ -439,7 +439,8 @@ class SamplingSettings:
 
     def image_settings(self) -> dict[str, Any]:
         """What an image's draws depend on besides its seed: every setting but ``num_images`` and
-        ``seed`` (the ``settings`` of an ``index.jsonl`` line, and ``generate`` keywords)."""
+        ``seed`` (the ``settings`` of an ``index.jsonl`` line; ``generate`` keywords but
+        ``speculative_draft``, a checkpoint, which ``generate`` takes loaded, as ``draft=``)."""
         return {name: getattr(self, name) for name in SETTINGS if name not in ("num_images", "seed")}
 
 

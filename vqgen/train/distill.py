@@ -260,7 +260,8 @@ def sample_codes(teacher: Transformer, teacher_dir: Path, cache, captions: list[
     bar = progress_bar(total=total, unit="seq", desc=f"teacher samples -> {directory}",
                        disable=not accelerator.is_main_process)
     teacher.to(device)
-    options = settings.image_settings()
+    # exact draft speculation draws what plain sampling draws: the teacher samples without its draft
+    options = {k: v for k, v in settings.image_settings().items() if k != "speculative_draft"}
     for shard in todo:
         first, last = shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, len(captions))
         codes = []
@@ -336,8 +337,10 @@ def train_distill(cfg: Config, out_dir: Path) -> dict:
         raise ConfigError(f"text encoder {teacher.cfg.text_encoder!r} gives {encoder.dim}-dim embeddings, but the "
                           f"teacher {teacher_dir} was trained on {teacher.cfg.text_dim}-dim ones")
 
+    # the student learns the teacher's distribution: its samples are exact even where the teacher's
+    # checkpoint samples with the lossy relaxed acceptance
     settings = dataclasses.replace(checkpoint_settings(teacher_config, str(teacher_dir / "config.json")),
-                                   **train_cfg.sampling.given())
+                                   **train_cfg.sampling.given(), speculative_tolerance=0.0)
     sampled = out_dir / "teacher_codes"
 
     def teacher_samples(captions: list[str], name: str, stream: int) -> CodeShards:
