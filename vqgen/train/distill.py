@@ -72,7 +72,7 @@ from vqgen.data.codes import (
 from vqgen.files import atomic_write_text, file_digest
 from vqgen.model import Transformer
 from vqgen.progress import progress_bar
-from vqgen.sampling import generate
+from vqgen.sampling import generate, sampling_options
 from vqgen.sampling.pipeline import checkpoint_settings, image_seed
 from vqgen.tokenizer import VQTokenizer
 from vqgen.train.backends import input_autocast
@@ -260,7 +260,8 @@ def sample_codes(teacher: Transformer, teacher_dir: Path, cache, captions: list[
     bar = progress_bar(total=total, unit="seq", desc=f"teacher samples -> {directory}",
                        disable=not accelerator.is_main_process)
     teacher.to(device)
-    options = settings.image_settings()
+    options = sampling_options(settings)  # a draft checkpoint in the settings is left out: the same distribution
+    options.pop("seeds")  # each sequence's own, below
     for shard in todo:
         first, last = shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, len(captions))
         codes = []
