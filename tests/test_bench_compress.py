@@ -68,6 +68,7 @@ def test_the_quick_table_measures_every_row_resumes_and_reuses_what_it_has(tmp_p
     assert (one["trained"], one["measured"]) == ({}, ["int8"])
     assert {k: v for k, v in one["rows"].items() if k != "int8"} == {k: v for k, v in rows.items() if k != "int8"}
     assert one["rows"]["int8"]["exact_two"] == rows["int8"]["exact_two"]  # the same seeds, the same images
+    assert one["rows"]["int8"]["timed_with"] == ["int8"] and rows["teacher"]["timed_with"] == list(ROWS)
 
 
 def test_bad_requests_are_named(tmp_path):

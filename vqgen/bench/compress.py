@@ -54,7 +54,7 @@ import shlex
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,7 @@ DRAFT_WINDOW = 4  # the draft row's W unless --window says otherwise
 # --quick: the same stages and measurements on tiny settings, a smoke test of well under a minute
 QUICK = [
     "data.num=96",
-    "model.dim=64", "model.depth=2", "model.heads=4", "model.text_depth=1",
+    "model.dim=64", "model.depth=2", "model.heads=4", "model.kv_heads=4", "model.text_depth=1",
     *(f"training.tokenizer.{k}={v}" for k, v in
       (("steps", 6), ("batch_size", 8), ("warmup_steps", 2), ("log_every", 3), ("checkpoint_every", 3))),
     *(f"training.{stage}.{k}={v}" for stage in ("transformer", "distill") for k, v in
@@ -119,7 +119,7 @@ class CompressSpec:
 
     out: Path
     quick: bool = False
-    rows: tuple[str, ...] = ()  # measure these again (and train what they need); () = every missing row
+    rows: tuple[str, ...] = ()  # measure these again, fresh or not (the rest: when missing or stale)
     tokenizer: Path | None = None  # a trained shapes tokenizer to reuse (e.g. runs/demo/tokenizer)
     demo: Path | None = None  # a demo run (its report.json): the teacher's adherence target
     config: Path | None = None  # default configs/shapes_teacher.yaml
@@ -147,7 +147,8 @@ class CompressSpec:
             raise ValueError(f"--prompts {prompts}: FID needs at least 2 images per set")
         return dataclasses.replace(
             self, out=Path(self.out), config=Path(self.config) if self.config else demo_config_path(TEACHER_CONFIG),
-            prompts=prompts, repeats=self.repeats or (1 if self.quick else 7), warmup=0 if self.quick else 1,
+            prompts=prompts, repeats=self.repeats or (1 if self.quick else 7), 
+            warmup=self.warmup if self.warmup is not None else (0 if self.quick else 1),
             threads=self.threads or len(os.sched_getaffinity(0)),
         )
 
@@ -288,7 +289,6 @@ class Row:
     params: int
     bytes: int
     models: dict[str, str]  # the weights it samples with: path -> sha256
-    extra: dict[str, Any] = field(default_factory=dict)  # row-specific figures (the draft row's Jacobi)
 
 
 def load_row(name: str, found: dict[str, Stage], spec: CompressSpec) -> Row:
@@ -444,8 +444,11 @@ def verdicts(rows: dict[str, dict], demo_params_: int | None, demo: dict | None)
         if row and base and key in base:
             ratio = row[f"tok_s_b{batch}"] / base[key]
             what = "the teacher's" if against == "teacher" else "Jacobi windows'"
+            detail = f"{row[f'tok_s_b{batch}']:.0f} vs {base[key]:.0f} tokens/s: {ratio:.2f}x"
+            if against not in row.get("timed_with", [against]):
+                detail += f" (timed in separate runs: measure both again with --rows {name} {against})"
             out.append(verdict(f"{name}: >= {factor}x {what} image tokens/s at batch {batch}", ratio >= factor,
-                               f"{row[f'tok_s_b{batch}']:.0f} vs {base[key]:.0f} tokens/s: {ratio:.2f}x"))
+                               detail))
 
     student, scratch = rows.get("student"), rows.get("student_scratch")
     if teacher and student:
@@ -558,6 +561,7 @@ def measure(names: list[str], found: dict[str, Stage], spec: CompressSpec, cfg: 
             "params": row.params, "bytes": row.bytes, "tok_s_b1": t["tok_s_b1"], "tok_s_b32": t["tok_s_b32"],
             **figures[row.name], "timed_runs_s": {f"b{b}": t[f"seconds_b{b}"] for b in BATCHES},
             "models": row.models, "settings": measurement_settings(spec, row.name),
+            "timed_with": names,  # the rows of the same interleaved rounds: their speeds compare directly
         }  # fmt: skip
         if row.name == "draft_speculative":
             out[row.name] |= {"window": spec.window, "jacobi_window": spec.jacobi_window,
