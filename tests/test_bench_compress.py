@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from vqgen.bench import compress
 from vqgen.bench.compress import ROWS, STAGES, CompressSpec, format_table, run_compress_bench
 from vqgen.train.transformer import CodeTextBatches
 
@@ -22,7 +23,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_the_quick_table_measures_every_row_resumes_and_reuses_what_it_has(tmp_path, sigterm_at, capsys):
+def test_the_quick_table_measures_every_row_resumes_and_reuses_what_it_has(tmp_path, sigterm_at, capsys, monkeypatch):
     # FID is left out: its Fréchet distances (a 2048 x 2048 eigendecomposition each) would take
     # most of a minute here; tests/test_metrics.py covers them
     spec = CompressSpec(out=tmp_path, quick=True, fid=False, threads=1)
@@ -32,8 +33,17 @@ def test_the_quick_table_measures_every_row_resumes_and_reuses_what_it_has(tmp_p
     assert (tmp_path / "teacher" / "transformer" / "checkpoints" / "step_00000003").is_dir()
     capsys.readouterr()
 
+    timed, real_generate = [], compress.generate  # the model of every timed generation
+
+    def generate(model, *args, **kwargs):
+        timed.append(model)
+        return real_generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(compress, "generate", generate)
     result = run_compress_bench(spec)
+    monkeypatch.undo()
     assert "resumed from" in capsys.readouterr().out  # the teacher went on from its checkpoint
+    assert len({id(model) for model in timed}) == len(ROWS)  # each row timed with its own model (Jacobi: the draft row's)
     assert list(result["trained"]) == [s for s in STAGES if s != "tokenizer"] and result["measured"] == list(ROWS)
     rows = result["rows"]
     assert list(rows) == list(ROWS)

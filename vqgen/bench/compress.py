@@ -372,8 +372,9 @@ def speeds(rows: list[Row], prompts: list[str], spec: CompressSpec, jacobi: Row 
             valid = mask[:b].any(0)
             t, m = text[:b, valid].to(device), mask[:b, valid].to(device)
 
-            def sample(t: Tensor = t, m: Tensor = m, options: dict = row.options) -> Tensor:
-                return generate(row.pipeline.transformer, t, m, **options)
+            def sample(model: Transformer = row.pipeline.transformer, t: Tensor = t, m: Tensor = m,
+                       options: dict = row.options) -> Tensor:  # bound now: each contestant its own model
+                return generate(model, t, m, **options)
 
             contestants.append(Contestant(f"{row.name}@b{b}", sample, lambda codes: codes[0].numel()))
     seconds, tokens = timed_rounds(contestants, spec.warmup, spec.repeats, str(rows[0].pipeline.device))
@@ -639,4 +640,4 @@ def run(args: argparse.Namespace) -> None:
         sys.exit(f"python -m vqgen.bench compress: {e or 'interrupted'}; run the same command again to resume")
     print(format_table(result))
     print(f"trained: {', '.join(result['trained']) or 'nothing'}; measured: {', '.join(result['measured']) or 'nothing'}"
-          f"\nwrote {spec.out / 'compress.json'}", file=sys.stderr)
+          f"\ntable: {spec.out / 'compress.json'}", file=sys.stderr)
