@@ -8,6 +8,9 @@
     python -m vqgen.bench serve --checkpoint runs/demo --json serve.json
         vqgen serve under 16 concurrent clients against offline sampling at batch 32 and a sequential
         server; overload, and one client with and without speculative windows
+    python -m vqgen.bench compress --out runs/compress [--quick] [--tokenizer runs/demo/tokenizer] [--demo runs/demo]
+        trains the shapes teacher, prunes and distils it, and measures every row (size, tokens/s at
+        batch 1 and 32, adherence, FID) into DIR/compress.json, with the targets' verdicts
     python -m vqgen.bench gpu [--checkpoint runs/demo/transformer] [--device cpu --quick]
         the GPU check: correctness, training, decode speed and serving on an accelerator,
         section by section, into gpu_check.json and gpu_check.md (see vqgen/bench/gpu.py)
@@ -23,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from vqgen.bench import gpu, speculative
+from vqgen.bench import compress, gpu, speculative
 
 try:  # the serving benchmark needs the [serve] extra (fastapi, uvicorn, httpx)
     from vqgen.bench import serve
@@ -85,6 +88,8 @@ COMMANDS = {
     "serve": ("the serving load benchmark: vqgen serve under concurrent clients vs offline sampling",
               serve.add_arguments if serve else lambda p: None,
               serve.run if serve else lambda args: sys.exit(f"python -m vqgen.bench serve: {SERVE_MISSING}")),
+    "compress": ("the compression table: teacher, int8, pruned, distilled students, draft speculation",
+                 compress.add_arguments, compress.run),
     "gpu": ("the GPU check: every fast path on an accelerator, section by section", gpu.add_arguments, gpu.run),
 }
 

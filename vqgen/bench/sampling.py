@@ -227,13 +227,23 @@ class Contestant:
 
 
 def interleaved(contestants: list[Contestant], spec: BenchSpec) -> dict[str, dict[str, Any]]:
+    """Run ``warmup + repeats`` rounds (``timed_rounds``) -> per contestant, ``entry`` of its timed
+    runs (tokens counted in its last output)."""
+    seconds, tokens = timed_rounds(contestants, spec.warmup, spec.repeats, spec.device, NAMES)
+    return {c.name: entry(seconds[c.name], spec.batch, tokens[c.name]) for c in contestants}
+
+
+def timed_rounds(
+    contestants: list[Contestant], warmup: int, repeats: int, device: str, names: dict[str, str] | None = None
+) -> tuple[dict[str, list[float]], dict[str, int]]:
     """Run ``warmup + repeats`` rounds; round r runs every contestant once, starting from
     contestant r mod n, so each contestant takes every place in the order in turn.
-    -> per contestant, ``entry`` of its timed runs (tokens counted in its last output)."""
-    sync = torch.cuda.synchronize if spec.device.startswith("cuda") else (lambda: None)
+    -> (per contestant, the seconds of its timed runs; the image tokens of its last output).
+    Progress, each contestant under ``names[name]`` (default its name), goes to stderr."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     seconds: dict[str, list[float]] = {c.name: [] for c in contestants}
     tokens: dict[str, int] = {}
-    for r in range(spec.warmup + spec.repeats):
+    for r in range(warmup + repeats):
         for c in contestants[r % len(contestants) :] + contestants[: r % len(contestants)]:
             sync()
             start = time.perf_counter()
@@ -241,11 +251,11 @@ def interleaved(contestants: list[Contestant], spec: BenchSpec) -> dict[str, dic
             sync()
             elapsed = time.perf_counter() - start
             tokens[c.name] = c.tokens(out)
-            if r >= spec.warmup:
+            if r >= warmup:
                 seconds[c.name].append(elapsed)
-            kind = "warm-up" if r < spec.warmup else f"run {r - spec.warmup + 1}/{spec.repeats}"
-            print(f"  {NAMES[c.name]}: {kind} {elapsed:.2f} s", file=sys.stderr, flush=True)
-    return {c.name: entry(seconds[c.name], spec.batch, tokens[c.name]) for c in contestants}
+            kind = "warm-up" if r < warmup else f"run {r - warmup + 1}/{repeats}"
+            print(f"  {(names or {}).get(c.name, c.name)}: {kind} {elapsed:.2f} s", file=sys.stderr, flush=True)
+    return seconds, tokens
 
 
 def entry(runs: list[float], batch: int, tokens: int) -> dict[str, Any]:

@@ -59,14 +59,17 @@ FLOOR_SEED = 20_000  # scenes of the FID floor: the evaluation sets' samplers, d
 MISMATCHED = {"single": "two", "two": "single", "heldout": "two"}
 
 
-def demo_config_path() -> Path:
-    """``configs/shapes.yaml`` of the checkout this package runs from, else of the working directory."""
-    candidates = [Path(vqgen.__file__).resolve().parent.parent / DEMO_CONFIG, Path.cwd() / DEMO_CONFIG]
+def demo_config_path(config: Path | None = None) -> Path:
+    """A shipped config (default ``configs/shapes.yaml``, the demo's) of the checkout this
+    package runs from, else of the working directory."""
+    what = "config" if config else "the demo's config"
+    config = config or DEMO_CONFIG
+    candidates = [Path(vqgen.__file__).resolve().parent.parent / config, Path.cwd() / config]
     for path in candidates:
         if path.is_file():
             return path
     raise ConfigError(
-        f"the demo's config {DEMO_CONFIG} was not found (looked in {', '.join(str(p.parent) for p in candidates)}); "
+        f"{what} {config} was not found (looked in {', '.join(str(p.parent) for p in candidates)}); "
         "run from a checkout of the repository, or pass --config PATH"
     )
 
