@@ -1,17 +1,19 @@
 """The serving load benchmark: ``python -m vqgen.bench serve --checkpoint DIR``.
 
-In one process, it starts ``vqgen serve``'s app on 127.0.0.1 (uvicorn in a thread) and sends a
-bounded number of single-image requests from C concurrent clients (httpx, async, each request
-on ``/v1/images/stream`` so that the first preview is timed too), then stops. Beside it, on the
-same loaded models, it samples the same images offline at batch 32 (``Pipeline.sample``) and
-through the server one request at a time (a sequential batch-1 server). The phases alternate,
+It starts ``vqgen serve``'s app on 127.0.0.1 (uvicorn in a thread of this process) and sends a
+bounded number of single-image requests from C concurrent clients (httpx, async, in a process
+of their own; each request on ``/v1/images/stream`` so that the first preview is timed too),
+then stops. Beside it, on the same loaded models, it samples the same images offline at batch
+32 (``Pipeline.sample``) and through the server one request at a time (a sequential batch-1
+server). The phases alternate,
 ``--repeats`` rounds, and each figure is the median of its rounds, so a slow stretch of the
 machine hits all of them alike.
 
 Then:
-- overload: ``--overload`` x (slots + queue) clients at once, each one request, from a process
-  of their own; the excess must get 503 at once (its time to answer is reported) and every
-  accepted request must complete;
+- overload: ``--overload`` x (slots + queue) clients at once, each one request; the excess
+  must get 503 at once (its time to answer is reported, beside the time the same burst of
+  requests refused at parsing takes: the HTTP stack's floor) and every accepted request must
+  complete;
 - one client: the latency of single requests with and without ``--speculative W`` windows.
 
 Request k asks for prompt ``k % P`` of the prompt list at seed k (image 0 of it: seed
@@ -180,16 +182,16 @@ def run_serve_bench(pipeline: Pipeline, prompts: list[str], load: Load, log=prin
     # offline at batch ``slots`` too: the most images a server of that many slots decodes at once,
     # so its throughput bounds the served one (at most ``slots`` images share a step)
     rounds: dict[str, list[float]] = {"served": [], "offline_b32": [], "offline_slots": [], "sequential": []}
-    with serving(service) as url:
-        asyncio.run(drive(url, bodies[: load.clients], load.clients))  # warm-up: every code path once
+    with serving(service) as url, clients_process() as clients:
+        clients.apply(run_drive, (url, bodies[: load.clients], load.clients))  # warm-up: every code path once
         offline(pipeline, texts[:OFFLINE_BATCH], seeds[:OFFLINE_BATCH], OFFLINE_BATCH)
         for r in range(load.repeats):
-            served, wall = asyncio.run(drive(url, bodies, load.clients))
+            served, wall = clients.apply(run_drive, (url, bodies, load.clients))
             rounds["served"].append(wall)
             codes, seconds = offline(pipeline, texts, seeds, OFFLINE_BATCH)
             rounds["offline_b32"].append(seconds)
             rounds["offline_slots"].append(offline(pipeline, texts, seeds, load.slots)[1])
-            sequential, seconds = asyncio.run(drive(url, bodies, 1))
+            sequential, seconds = clients.apply(run_drive, (url, bodies, 1))
             rounds["sequential"].append(seconds)
             log(f"round {r + 1}/{load.repeats}: served {wall:.2f} s, offline b{OFFLINE_BATCH} "
                 f"{rounds['offline_b32'][-1]:.2f} s, offline b{load.slots} {rounds['offline_slots'][-1]:.2f} s, "
@@ -200,7 +202,7 @@ def run_serve_bench(pipeline: Pipeline, prompts: list[str], load: Load, log=prin
             and all(o.codes == c for o, c in zip(sequential, codes))
         latencies = [o.latency for o in ok]
         fractions = [o.first_preview / o.latency for o in ok if o.first_preview is not None]
-        overload = overloaded(url, bodies, load)
+        overload = overloaded(clients, url, bodies, load)
     log("one client, plain and speculative")
     single = {"plain": one_client(pipeline, bodies[: load.single], dataclasses.replace(config, slots=1)),
               f"speculative_{load.speculative}": one_client(
@@ -223,21 +225,35 @@ def run_serve_bench(pipeline: Pipeline, prompts: list[str], load: Load, log=prin
     }
 
 
-def overloaded(url: str, bodies: list[dict[str, Any]], load: Load) -> dict[str, Any]:
-    """Many more clients than slots + queue, all at once, one request each. The clients run in
-    a process of their own, so that their 100-odd connections do not share the server's
-    interpreter (its GIL) and each refusal is timed as a client elsewhere would see it."""
-    clients = load.overload * (load.slots + load.max_queue)
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        outcomes = pool.apply(_burst, (url, [bodies[k % len(bodies)] for k in range(clients)]))
+def clients_process():
+    """One process of its own for the benchmark's clients (``Pool.apply`` runs a phase there):
+    their connections, SSE parsing and JSON decoding then do not share the server's interpreter
+    (its GIL), so the server is timed as clients elsewhere would see it. Started once, before
+    any phase is timed."""
+    return multiprocessing.get_context("spawn").Pool(1)
+
+
+def run_drive(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[list[Outcome], float]:
+    """``drive`` in the clients' process."""
+    return asyncio.run(drive(url, bodies, clients))
+
+
+def overloaded(clients, url: str, bodies: list[dict[str, Any]], load: Load) -> dict[str, Any]:
+    """Many more clients than slots + queue, all at once, one request each (in the ``clients``
+    process)."""
+    many = load.overload * (load.slots + load.max_queue)
+    outcomes = clients.apply(_burst, (url, [bodies[k % len(bodies)] for k in range(many)]))
     refused = [o for o in outcomes if o.status == 503]
     accepted = [o for o in outcomes if o.status != 503]
+    # the same burst of bodies refused at parse (an empty prompt: 422): the HTTP stack's own time to
+    # answer that many connections at once, the floor under the 503s' time
+    floor = [o.answered for o in clients.apply(_burst, (url, [{"prompt": ""}] * many))]
     return {
-        "clients": clients, "refused_503": len(refused), "accepted": len(accepted),
+        "clients": many, "refused_503": len(refused), "accepted": len(accepted),
         "accepted_completed": sum(o.status == 200 and o.latency is not None for o in accepted),
         "refusal_p50_s": quantile([o.answered for o in refused], 0.5) if refused else None,
         "refusal_max_s": max(o.answered for o in refused) if refused else None,
+        "http_floor_p50_s": quantile(floor, 0.5), "http_floor_max_s": max(floor),
     }
 
 
@@ -253,9 +269,9 @@ def _burst(url: str, bodies: list[dict[str, Any]]) -> list[Outcome]:
 
 def one_client(pipeline: Pipeline, bodies: list[dict[str, Any]], config: ServeConfig) -> dict[str, Any]:
     """Single requests one after another on a server of ``config``: latency and forwards."""
-    with serving(ImageService(pipeline, config)) as url:
-        asyncio.run(drive(url, bodies[:2], 1))  # warm-up
-        outcomes, _ = asyncio.run(drive(url, bodies, 1))
+    with serving(ImageService(pipeline, config)) as url, clients_process() as clients:
+        clients.apply(run_drive, (url, bodies[:2], 1))  # warm-up
+        outcomes, _ = clients.apply(run_drive, (url, bodies, 1))
     latencies = [o.latency for o in outcomes if o.latency is not None]
     return {"speculative": config.speculative, "p50_s": quantile(latencies, 0.5), "mean_s": statistics.mean(latencies),
             "forwards_mean": statistics.mean(o.forwards for o in outcomes if o.forwards is not None),
@@ -280,7 +296,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"failed {r['failed']}, identical to offline: {r['identical_to_offline']}",
         f"overload: {o['clients']} clients at once -> {o['refused_503']} refused (503 in p50 "
         f"{o['refusal_p50_s'] or 0:.3f} s, max {o['refusal_max_s'] or 0:.3f} s), {o['accepted_completed']}/{o['accepted']} "
-        "accepted completed",
+        f"accepted completed; as many 422s at once (the HTTP floor): p50 {o['http_floor_p50_s']:.3f} s, "
+        f"max {o['http_floor_max_s']:.3f} s",
         f"one client: plain p50 {plain['p50_s']:.3f} s ({plain['forwards_mean']:.1f} forwards), speculative "
         f"W={spec['speculative']} p50 {spec['p50_s']:.3f} s ({spec['forwards_mean']:.1f} forwards)",
     ]
