@@ -200,7 +200,7 @@ class ImageService:
         ``reservation`` in here (which releases it): one that arrived before a drain began is
         admitted during it."""
         with reservation or contextlib.nullcontext():
-            return self._submit(text, mask, settings, on_preview, held=reservation.images if reservation else 0)
+            return self._submit(text, mask, settings, on_preview, held=reservation.images if reservation and reservation.held else 0)
 
     def _submit(self, text, mask, settings, on_preview, held: int) -> list[ImageJob]:
         self._check_room(settings.num_images, held)
