@@ -76,7 +76,7 @@ from vqgen.sampling import generate
 from vqgen.sampling.pipeline import checkpoint_settings, image_seed
 from vqgen.tokenizer import VQTokenizer
 from vqgen.train.backends import input_autocast
-from vqgen.train.loop import Task, fit, setup_accelerator
+from vqgen.train.loop import Task, setup_accelerator
 from vqgen.train.optim import OptimizerSpec, param_groups
 from vqgen.train.transformer import (
     CodeTextBatches,
@@ -84,7 +84,7 @@ from vqgen.train.transformer import (
     TrainingCaptions,
     build_text,
     check_codes,
-    last_logged,
+    fit_or_report,
     make_preview,
     next_code_loss,
     prepare_codes,
@@ -388,12 +388,9 @@ def train_distill(cfg: Config, out_dir: Path) -> dict:
         ],
         evaluate=evaluate,
     )
-    metrics = fit(accelerator, task, train_cfg, cfg, out_dir)
-    if "loss" not in metrics:  # the stage had already finished: this call trained no step
-        report = out_dir / "report.json"
-        if report.is_file():
-            return json.loads(report.read_text())  # it stands as written when the stage ended
-        metrics = last_logged(out_dir) | metrics
+    metrics, ended = fit_or_report(accelerator, task, train_cfg, cfg, out_dir)
+    if ended:
+        return metrics
     metrics |= {"training_state": training_state(metrics["step"], train_cfg.steps), **record,
                 "final_loss": metrics.get("loss", math.nan)}
     if accelerator.is_main_process:

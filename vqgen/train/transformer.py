@@ -220,12 +220,9 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
             OptimizerSpec("transformer", param_groups(model.transformer, c.weight_decay), c.lr, tuple(c.betas), c.grad_clip)
         ],
     )
-    metrics = fit(accelerator, task, train_cfg, cfg, out_dir)
-    if "loss" not in metrics:  # the stage had already finished: this call trained no step
-        report = out_dir / "report.json"
-        if report.is_file():
-            return json.loads(report.read_text())  # it stands as written when the stage ended
-        metrics = last_logged(out_dir) | metrics
+    metrics, ended = fit_or_report(accelerator, task, train_cfg, cfg, out_dir)
+    if ended:
+        return metrics
     metrics["training_state"] = training_state(metrics["step"], train_cfg.steps)
     metrics["unigram_loss"] = unigram_loss(shards)
     metrics["skipped_samples"] = shards.meta.get("skipped_samples", {})  # dropped when the codes were encoded
@@ -233,6 +230,19 @@ def train_transformer(cfg: Config, out_dir: Path) -> dict:
     if accelerator.is_main_process:
         atomic_write_text(out_dir / "report.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def fit_or_report(accelerator, task: Task, train_cfg, cfg: Config, out_dir: Path) -> tuple[dict, bool]:
+    """``fit`` the stage -> (its metrics, False); or, when it had already finished and this call
+    trained no step, (its ``report.json`` as written when it ended, True), else its last logged
+    metrics (False: the report is still to be written)."""
+    metrics = fit(accelerator, task, train_cfg, cfg, out_dir)
+    if "loss" in metrics:
+        return metrics, False
+    report = Path(out_dir) / "report.json"
+    if report.is_file():
+        return json.loads(report.read_text()), True
+    return last_logged(out_dir) | metrics, False
 
 
 def last_logged(out_dir: Path) -> dict:
