@@ -11,6 +11,10 @@
     python -m vqgen.bench compress --out runs/compress [--quick] [--tokenizer runs/demo/tokenizer] [--demo runs/demo]
         trains the shapes teacher, prunes and distils it, and measures every row (size, tokens/s at
         batch 1 and 32, adherence, FID) into DIR/compress.json, with the targets' verdicts
+    python -m vqgen.bench binding --out runs/binding [--tokenizer runs/demo/tokenizer] [--quick]
+        trains the demo's transformer stage per variant (code heads, caption augmentation, ...)
+        and seed, and scores each on single, two-object, held-out and reworded prompts into
+        DIR/binding.json: mean and spread across seeds
     python -m vqgen.bench gpu [--checkpoint runs/demo/transformer] [--device cpu --quick]
         the GPU check: correctness, training, decode speed and serving on an accelerator,
         section by section, into gpu_check.json and gpu_check.md (see vqgen/bench/gpu.py)
@@ -26,7 +30,7 @@ import json
 import sys
 from pathlib import Path
 
-from vqgen.bench import compress, gpu, speculative
+from vqgen.bench import binding, compress, gpu, speculative
 
 try:  # the serving benchmark needs the [serve] extra (fastapi, uvicorn, httpx)
     from vqgen.bench import serve
@@ -90,6 +94,8 @@ COMMANDS = {
               serve.run if serve else lambda args: sys.exit(f"python -m vqgen.bench serve: {SERVE_MISSING}")),
     "compress": ("the compression table: teacher, int8, pruned, distilled students, draft speculation",
                  compress.add_arguments, compress.run),
+    "binding": ("the attribute-binding table: code heads and other variants x training seeds, held-out "
+                "combinations and the wording gap", binding.add_arguments, binding.run),
     "gpu": ("the GPU check: every fast path on an accelerator, section by section", gpu.add_arguments, gpu.run),
 }
 

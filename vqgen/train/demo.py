@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import vqgen
@@ -74,33 +75,48 @@ def demo_config_path(config: Path | None = None) -> Path:
     )
 
 
-def evaluation_scenes(cfg: Config, seed: int = EVAL_SEED, num: int = 10**9) -> dict[str, ShapesDataset]:
-    """The scene sampler of each evaluation set: ``single`` and ``two`` objects from the training
-    split, ``heldout`` (with ``data.holdout``) the config's object counts, each scene holding a
-    held-out combination; set k draws from seed ``seed + k``."""
+# evaluation set -> (fewest objects, most objects, split, seed offset); ``None`` objects: the
+# config's. The demo scores the first three; ``heldout_two`` (two objects, at least one of them a
+# held-out combination) is the binding table's (``python -m vqgen.bench binding``).
+EVAL_SETS = {"single": (1, 1, "train", 0), "two": (2, 2, "train", 1), "heldout": (None, None, "holdout", 2),
+             "heldout_two": (2, 2, "holdout", 3)}
+DEMO_SETS = ("single", "two", "heldout")
 
-    sets = {"single": (1, 1, "train"), "two": (2, 2, "train")}
-    if cfg.data.holdout:
-        sets["heldout"] = (cfg.data.min_objects, cfg.data.max_objects, "holdout")
-    return {
-        name: ShapesDataset(num=num, seed=seed + offset, resolution=cfg.data.resolution, min_objects=lo,
-                            max_objects=hi, holdout=cfg.data.holdout, split=split)
-        for offset, (name, (lo, hi, split)) in enumerate(sets.items())
-    }
+
+def evaluation_scenes(
+    cfg: Config, seed: int = EVAL_SEED, num: int = 10**9, sets: Sequence[str] = DEMO_SETS
+) -> dict[str, ShapesDataset]:
+    """The scene sampler of each evaluation set of ``sets`` (``EVAL_SETS``): ``single`` and ``two``
+    objects from the training split; with ``data.holdout``, ``heldout`` (the config's object
+    counts) and ``heldout_two`` (two objects), each scene holding a held-out combination. A set
+    draws from ``seed`` plus its own offset, whichever others are asked for."""
+    unknown = [name for name in sets if name not in EVAL_SETS]
+    if unknown:
+        raise ValueError(f"no evaluation set {', '.join(map(repr, unknown))}; choose from {', '.join(EVAL_SETS)}")
+    out = {}
+    for name in sets:
+        lo, hi, split, offset = EVAL_SETS[name]
+        if split == "holdout" and not cfg.data.holdout:
+            continue
+        out[name] = ShapesDataset(num=num, seed=seed + offset, resolution=cfg.data.resolution,
+                                  min_objects=lo or cfg.data.min_objects, max_objects=hi or cfg.data.max_objects,
+                                  holdout=cfg.data.holdout, split=split)
+    return out
 
 
 def evaluation_prompts(
-    cfg: Config, training_captions: set[str], num: int = EVAL_PROMPTS, family: str = "train", fits=None
+    cfg: Config, training_captions: set[str], num: int = EVAL_PROMPTS, family: str = "train", fits=None,
+    sets: Sequence[str] = DEMO_SETS,
 ) -> dict[str, list[str]]:
-    """Fresh prompts per set (``single``, ``two``, ``heldout``), none of them a training caption,
-    in caption family ``family``: ``train`` (the dataset's wording) or ``other`` (the same
-    scenes reworded as ``python -m vqgen.eval adherence`` rewords a prompt file; ``fits``, a
-    text encoder's length check, as there)."""
+    """Fresh prompts per evaluation set of ``sets`` (``evaluation_scenes``), none of them a
+    training caption, in caption family ``family``: ``train`` (the dataset's wording) or
+    ``other`` (the same scenes reworded as ``python -m vqgen.eval adherence`` rewords a prompt
+    file; ``fits``, a text encoder's length check, as there)."""
     if family != "train":
-        train = evaluation_prompts(cfg, training_captions, num)
+        train = evaluation_prompts(cfg, training_captions, num, sets=sets)
         return {name: reword(prompts, family, fits=fits) for name, prompts in train.items()}
     prompts: dict[str, list[str]] = {}
-    for name, data in evaluation_scenes(cfg).items():
+    for name, data in evaluation_scenes(cfg, sets=sets).items():
         chosen: list[str] = []
         i = 0
         while len(chosen) < num:
