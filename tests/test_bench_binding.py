@@ -2,6 +2,7 @@
 run resumed, the evaluation sets what they say, the spread computed across seeds, a finished
 table reused without recomputing anything."""
 
+import dataclasses
 import json
 import statistics
 
@@ -79,6 +80,10 @@ def test_the_quick_table_trains_every_seed_resumes_and_reuses_what_it_has(tmp_pa
     again = run_binding_bench(spec)  # nothing new: nothing trained, nothing scored, the same table
     assert again["trained"] == {} and again["measured"] == []
     assert again["table"] == result["table"]
+    # a call naming fewer variants tables only those, and keeps the other runs' figures on file
+    fewer = run_binding_bench(dataclasses.replace(spec, variants={"softmax": variants["softmax"]}))
+    assert fewer["measured"] == [] and list(fewer["table"]) == ["softmax"]
+    assert json.loads((tmp_path / "binding.json").read_text())["runs"] == result["runs"]
 
 
 def test_bad_settings_are_refused_with_the_flag(tmp_path, capsys):

@@ -14,6 +14,8 @@ from vqgen.config import ConfigError, load_config
 from vqgen.data.shapes import (
     CONNECTIVES,
     FAMILIES,
+    ORDER_TEMPLATES,
+    PHRASE_TEMPLATES,
     TEMPLATES,
     SceneObject,
     describe,
@@ -62,6 +64,8 @@ def test_family_words_cover_every_caption_of_the_family(family):
     rng = random.Random(3)
     captions = [describe(s, rng, family=family) for s in scenes(2000, seed=4)]
     captions += [wording(s, family, 7, i, variant=1 + i % 3) for i, s in enumerate(scenes(500, seed=5))]
+    if family == "train":  # augmented wordings with every attribute order
+        captions += [wording(s, family, 7, i, 1, attribute_orders=True) for i, s in enumerate(scenes(500, seed=6))]
     assert {w for c in captions for w in tokenize(c)} <= words
     assert outside_family(captions, family) == []
 
@@ -79,6 +83,24 @@ def test_parser_reads_every_template_of_both_families_back_to_its_scene(family, 
     for scene in scenes(150, seed=100 + template):
         caption = describe(scene, rng, template=template, family=family)
         assert parse_caption(caption) == scene, caption
+
+
+@pytest.mark.parametrize("template", range(len(PHRASE_TEMPLATES), len(PHRASE_TEMPLATES) + len(ORDER_TEMPLATES)))
+def test_parser_reads_every_attribute_order_template_back_to_its_scene(template):
+    rng = random.Random(template)
+    for scene in scenes(150, seed=200 + template):
+        caption = describe(scene, rng, template=template, attribute_orders=True)
+        assert parse_caption(caption) == scene, caption
+
+
+def test_attribute_order_templates_add_orders_the_dataset_captions_never_use():
+    def orders(templates):
+        return {tuple(s for s in slots(t) if s in ("size", "colour", "shape")) for t in templates}
+
+    added = orders(ORDER_TEMPLATES) - orders(PHRASE_TEMPLATES)
+    assert added == {("colour", "size", "shape"), ("shape", "colour", "size"), ("shape", "size", "colour")}
+    with pytest.raises(ValueError, match="attribute_orders extends the training family's templates, not family 'other'"):
+        describe(scenes(1, 0)[0], random.Random(0), family="other", attribute_orders=True)
 
 
 def test_the_same_scene_reads_the_same_from_both_families():
@@ -185,3 +207,35 @@ def test_caption_augmentation_is_off_by_default_and_shapes_only():
         load_config(None, ["data.caption_augmentation=2"])
     with pytest.raises(ConfigError, match="'data.caption_augmentation' is -1"):
         load_config(SHAPES, ["data.caption_augmentation=-1"])
+
+
+def test_attribute_orders_reorder_only_the_augmented_wordings():
+    from vqgen.train.transformer import TrainingCaptions
+
+    stored = [describe(s, random.Random(i)) for i, s in enumerate(scenes(200, seed=12, max_objects=2))]
+    plain = TrainingCaptions(stored, augmentation=2, data_seed=0, seed=1)
+    ordered = TrainingCaptions(stored, augmentation=2, data_seed=0, seed=1, attribute_orders=True)
+    assert [w[0] for w in ordered.wordings] == stored  # the stored caption stays one of the choices
+    assert outside_family(ordered.all(), "train") == []
+    for j, wordings in enumerate(ordered.wordings):
+        assert {parse_caption(w) for w in wordings} == {parse_caption(stored[j])}
+    # "a red large circle": colour before size, which no dataset caption and no plain wording says
+    colour_size = re.compile(r"\b(?:a|an) (\w+) (\w+) (\w+)")
+
+    def colour_first(caption):
+        from vqgen.data.shapes import COLOUR_WORDS, SIZE_WORDS
+
+        colours = {w for ws in COLOUR_WORDS.values() for w in ws}
+        sizes = {w for ws in SIZE_WORDS.values() for w in ws}
+        return any(m[0] in colours and m[1] in sizes for m in colour_size.findall(caption.lower()))
+
+    assert not any(colour_first(c) for c in plain.all())
+    assert sum(colour_first(c) for c in ordered.all()) > 20
+
+
+def test_attribute_orders_need_caption_augmentation():
+    assert load_config(SHAPES).data.caption_attribute_orders is False
+    cfg = load_config(SHAPES, ["data.caption_augmentation=1", "data.caption_attribute_orders=true"])
+    assert cfg.data.caption_attribute_orders is True
+    with pytest.raises(ConfigError, match="'data.caption_attribute_orders' is true, but 'data.caption_augmentation' is 0"):
+        load_config(SHAPES, ["data.caption_attribute_orders=true"])

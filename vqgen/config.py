@@ -59,6 +59,9 @@ class DataConfig:
     # transformer training reads each scene under one of 1 + this many training-family wordings
     # (its caption and others of the same scene, fixed per (seed, index)), chosen per epoch
     caption_augmentation: int = 0
+    # those extra wordings also place the size and colour words in every order around the shape
+    # (vqgen.data.shapes.ORDER_TEMPLATES); needs caption_augmentation >= 1
+    caption_attribute_orders: bool = False
     # -- real data
     path: str = ""  # image folder, or a glob / brace pattern of WebDataset tar shards
     missing_caption: Literal["skip", "error", "empty"] = "skip"  # empty = unconditional sample
@@ -669,6 +672,11 @@ def validate(cfg: Config) -> None:
             f"config key 'data.caption_augmentation' is {augmentation}; use 0 (each caption as written) or, "
             f"for data.kind=shapes only (this is {cfg.data.kind!r}), the number of extra wordings per scene"
         )
+    if cfg.data.caption_attribute_orders and not augmentation:
+        raise ConfigError(
+            "config key 'data.caption_attribute_orders' is true, but 'data.caption_augmentation' is 0: the attribute "
+            "orders apply to the extra wordings, so set data.caption_augmentation to 1 or more"
+        )
     for stage in ("transformer", "distill"):
         cond_dropout = getattr(cfg.training, stage).cond_dropout
         if not 0 <= cond_dropout < 1:
@@ -736,7 +744,8 @@ MAY_CHANGE_ON_RESUME = (
 # sections a stage does not read: the transformer loads a trained tokenizer from its checkpoint,
 # distillation the teacher's (a checkpoint written before a section existed lacks it: also not read)
 NOT_READ_BY = {
-    "tokenizer": ("model.*", "training.transformer.*", "training.distill.*", "data.caption_augmentation"),
+    "tokenizer": ("model.*", "training.transformer.*", "training.distill.*", "data.caption_augmentation",
+                  "data.caption_attribute_orders"),
     "transformer": ("tokenizer.*", "training.tokenizer.*", "training.distill.*"),
     "distill": ("tokenizer.*", "training.tokenizer.*", "training.transformer.*"),
 }
@@ -766,6 +775,7 @@ ABSENT = _Absent()
 # value, which computes what a run saved without them did
 ADDED_KEYS = {f"model.{name}": value for name, value in TransformerConfig.ADDED_FIELDS.items()} | {
     "data.caption_augmentation": 0,
+    "data.caption_attribute_orders": False,
 }
 
 

@@ -15,7 +15,9 @@ shards, then scored on the demo's fresh evaluation prompts, 200 per set:
 
 A variant is a name and ``key=value`` overrides. The built-in ones are the code heads
 (``model.code_head``: ``softmax``, ``fsq_digits``, ``fsq_autoregressive``) and caption
-augmentation on the default head (``augment2``: ``data.caption_augmentation=2``);
+augmentation on the default head (``augment2``: ``data.caption_augmentation=2``; ``orders2``:
+the same with ``data.caption_attribute_orders=true``; ``fsq_digits_orders2``: that on the
+``fsq_digits`` head);
 ``--variant NAME KEY=VALUE ...`` adds any other. The table gives each figure's mean over the
 seeds and its spread (the sample standard deviation across seeds; a single seed has none).
 
@@ -57,6 +59,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "fsq_digits": ("model.code_head=fsq_digits",),
     "fsq_autoregressive": ("model.code_head=fsq_autoregressive",),
     "augment2": ("data.caption_augmentation=2",),
+    "orders2": ("data.caption_augmentation=2", "data.caption_attribute_orders=true"),
+    "fsq_digits_orders2": ("model.code_head=fsq_digits", "data.caption_augmentation=2",
+                           "data.caption_attribute_orders=true"),
 }
 DEFAULT_VARIANTS = ("softmax", "fsq_digits", "fsq_autoregressive")
 SEEDS = (0, 1, 2)
@@ -265,7 +270,7 @@ def run_binding_bench(spec: BindingSpec) -> dict[str, Any]:
 
     result = {
         "table": aggregate(scored, list(spec.variants)),
-        "runs": scored,
+        "runs": cached | scored,  # runs of other variants or seeds stay, for a later call that names them
         "variants": {name: list(overrides) for name, overrides in spec.variants.items()},
         "seeds": list(spec.seeds),
         "commands": {"bench": shlex.join(bench_command(spec))} | {run.key: shlex.join(run.command) for run in runs},

@@ -430,6 +430,17 @@ OTHER_PHRASE_TEMPLATES: tuple[str, ...] = (
     "{a} {shape} {where}, {coloured} {colour}, {size}",  # a disc on the left, colored blue, small
 )
 TEMPLATES: dict[str, tuple[str, ...]] = {"train": PHRASE_TEMPLATES, "other": OTHER_PHRASE_TEMPLATES}
+# Attribute orders for caption augmentation (``data.caption_attribute_orders``): the places
+# around the shape noun that ``PHRASE_TEMPLATES`` never give the size and colour words, said
+# with the training family's own words ("in" before a colour, commas around a size). Augmented
+# wordings drawn from both lists show every order of the two adjectives and of adjective and
+# noun, so that order carries no meaning; the dataset's captions stay as they are, and the
+# ``other`` family keeps the verbs, participles and joiners training never sees.
+ORDER_TEMPLATES: tuple[str, ...] = (
+    "{a} {colour} {size} {shape} {where}",  # a red large circle at the top
+    "{a} {shape} in {colour}, {size}, {where}",  # a circle in red, large, at the top
+    "{a} {shape}, {size}, in {colour} {where}",  # a square, tiny, in blue on the left
+)
 CONNECTIVES: dict[str, dict[str, tuple[str, ...]]] = {
     "train": {"has": ("has", "holds", "contains", "shows")},
     "other": {
@@ -499,12 +510,15 @@ def _join_other(phrases: list[str], templates: list[str], rng: random.Random) ->
     return _capitalise_maybe(text, rng)
 
 
-def describe(scene: Scene, rng: random.Random, template: int | None = None, family: str = "train") -> str:
+def describe(
+    scene: Scene, rng: random.Random, template: int | None = None, family: str = "train", attribute_orders: bool = False
+) -> str:
     """A natural-English caption of ``scene`` in caption family ``family`` (see ``FAMILIES``),
     wording chosen by ``rng``.
 
     Objects are described in random order, each with a random phrase template of the family
-    (or ``TEMPLATES[family][template]`` for all of them) and random synonyms, then joined
+    (or ``TEMPLATES[family][template]`` for all of them; with ``attribute_orders``, a training
+    family template of ``PHRASE_TEMPLATES + ORDER_TEMPLATES``) and random synonyms, then joined
     with the family's connectives (train: "and", semicolons or separate sentences; other:
     "plus" or "with"); commas join objects only when no phrase has a comma of its own, so a
     comma never leaves it ambiguous where an object ends.
@@ -512,7 +526,9 @@ def describe(scene: Scene, rng: random.Random, template: int | None = None, fami
     _check_family(family)
     if not scene:
         raise ValueError("cannot describe an empty scene")
-    templates = TEMPLATES[family]
+    if attribute_orders and family != "train":
+        raise ValueError(f"attribute_orders extends the training family's templates, not family {family!r}'s")
+    templates = TEMPLATES[family] + (ORDER_TEMPLATES if attribute_orders else ())
     objects = list(scene)
     rng.shuffle(objects)
     indices = [rng.randrange(len(templates)) if template is None else template for _ in objects]
@@ -526,7 +542,8 @@ def family_words(family: str) -> frozenset[str]:
     own words, its connectives, openings and joiners, and the shared attribute, position and
     preposition words. The families' disjointness rests on it (``vqgen.data.shapes`` docs)."""
     _check_family(family)
-    texts = [re.sub(r"\{[a-z]+\}", " ", t) for t in TEMPLATES[family]]
+    templates = TEMPLATES[family] + (ORDER_TEMPLATES if family == "train" else ())
+    texts = [re.sub(r"\{[a-z]+\}", " ", t) for t in templates]
     texts += [w for choices in CONNECTIVES[family].values() for w in choices]
     texts += list(JOINERS[family]) + list(_OPENINGS if family == "train" else ())
     texts += [w for table in (SIZE_WORDS, COLOUR_WORDS, SHAPE_WORDS, _POSITION_NAMES) for ws in table.values() for w in ws]
@@ -545,12 +562,14 @@ def sample_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(int.from_bytes(digest, "little"))
 
 
-def wording(scene: Scene, family: str, seed: int, index: int, variant: int = 0) -> str:
+def wording(scene: Scene, family: str, seed: int, index: int, variant: int = 0, attribute_orders: bool = False) -> str:
     """A caption of ``scene`` in ``family``, a pure function of ``(seed, family, index,
-    variant)``: how evaluation words prompt ``index`` in each family, and how training words
-    sample ``index`` again (``variant`` >= 1) under ``data.caption_augmentation``."""
+    variant, attribute_orders)``: how evaluation words prompt ``index`` in each family, and how
+    training words sample ``index`` again (``variant`` >= 1) under ``data.caption_augmentation``
+    (and ``data.caption_attribute_orders``, see ``describe``)."""
     _check_family(family)
-    return describe(scene, sample_rng(seed, f"wording/{family}/{variant}", index), family=family)
+    rng = sample_rng(seed, f"wording/{family}/{variant}" + ("/orders" if attribute_orders else ""), index)
+    return describe(scene, rng, family=family, attribute_orders=attribute_orders)
 
 
 class ShapesDataset(Dataset):

@@ -73,23 +73,29 @@ class TrainingCaptions:
     sample j a pure function of ``(data_seed, j, k)`` (``vqgen.data.shapes.wording``; the scene
     is read back from the caption). Each epoch picks one of them per sample from a hash of
     ``(seed, epoch, j)``, so a resumed run reads what an uninterrupted one would, and every
-    wording is known up front, to go into the embedding cache. The wordings never leave the
-    training family: the ``other`` family of evaluation stays unseen.
+    wording is known up front, to go into the embedding cache. With ``attribute_orders``
+    (``data.caption_attribute_orders``) the K wordings also use ``ORDER_TEMPLATES``, the size
+    and colour words in every place around the shape. The wordings never leave the training
+    family: the ``other`` family's words stay unseen.
     """
 
-    def __init__(self, captions: list[str], augmentation: int = 0, data_seed: int = 0, seed: int = 0):
+    def __init__(
+        self, captions: list[str], augmentation: int = 0, data_seed: int = 0, seed: int = 0, attribute_orders: bool = False
+    ):
         self.seed = seed
         self.wordings: list[tuple[str, ...]] = [(c,) for c in captions]
         if augmentation:
             self.wordings = [
-                (c, *(wording(parse_caption(c), "train", data_seed, j, k) for k in range(1, augmentation + 1)))
+                (c, *(wording(parse_caption(c), "train", data_seed, j, k, attribute_orders) for k in range(1, augmentation + 1)))
                 for j, c in enumerate(captions)
             ]
 
     @classmethod
     def from_config(cls, cfg: Config, shards) -> TrainingCaptions:
         """The captions of ``shards`` under ``data.caption_augmentation``."""
-        return cls(shards.captions, cfg.data.caption_augmentation, cfg.data.seed, cfg.training.transformer.seed)
+        data = cfg.data
+        return cls(shards.captions, data.caption_augmentation, data.seed, cfg.training.transformer.seed,
+                   data.caption_attribute_orders)
 
     def all(self) -> list[str]:
         """Every caption training can read, once each, sorted."""
