@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image
 from vqgen.config import TokenizerConfig, load_config
 from vqgen.data.shapes import ShapesDataset
 from vqgen.eval.__main__ import main as eval_main
-from vqgen.eval.tokenizer import evaluate_tokenizer
+from vqgen.eval.tokenizer import digit_information, evaluate_tokenizer
 from vqgen.tokenizer import VQTokenizer
 from vqgen.train.tokenizer import train_tokenizer
 
@@ -117,6 +118,32 @@ def test_evaluate_tokenizer_metrics_match_hand_computation():
     assert report["perplexity"] == pytest.approx(math.exp(-(p * p.log()).sum().item()))
     assert report["background_codes"] == 1  # patch-local: a flat background patch has one code
     assert 0 <= report["exact"] <= 1 and {"scene_shape", "scene_colour", "scene_size", "scene_position"} <= report.keys()
+
+
+def test_digit_information_finds_the_digit_that_names_an_attribute():
+    # levels (2, 3): code = d0 + 2 * d1. Red patches have d0 = 0, blue d0 = 1; d1 varies the same
+    # way within both colours, so d0 carries all of the colour and d1 none of it
+    patches = Counter({("red", 0): 5, ("red", 2): 5, ("blue", 1): 5, ("blue", 3): 5})
+    assert digit_information(patches, [2, 3]) == pytest.approx([1.0, 0.0])
+    # d0 is constant; d1 is {0, 1} for red and {1, 2} for blue: it halves the uncertainty
+    # (H(d1) - H(d1 | colour) = 1.5 - 1 bits, of H(colour) = 1 bit)
+    patches = Counter({("red", 0): 5, ("red", 2): 5, ("blue", 2): 5, ("blue", 4): 5})
+    assert digit_information(patches, [2, 3]) == pytest.approx([0.0, 0.5])
+    assert digit_information(Counter({("red", 0): 3, ("red", 5): 1}), [2, 3]) == [0.0, 0.0]  # one value: no entropy
+
+
+def test_evaluate_tokenizer_locates_colour_and_shape_in_an_fsq_tokenizers_digits():
+    torch.manual_seed(0)
+    cfg = small_tokenizer_config()  # FSQ, levels (8, 5, 5, 5)
+    report = evaluate_tokenizer(VQTokenizer(cfg, 32).eval(), ShapesDataset(12, seed=5), batch_size=5)
+    assert report["object_patches"] > 12  # every image has an object, each covering several 4 px patches
+    for attribute in ("colour", "shape"):
+        assert len(report[f"{attribute}_digits"]) == 4 and all(0 <= s <= 1 for s in report[f"{attribute}_digits"])
+    assert max(report["colour_digits"]) > 0  # random weights still map colours to different digits
+    vq = load_config(SHAPES, ["tokenizer.channels=8", "tokenizer.channel_mult=[1, 1, 2]", "tokenizer.quantizer=vq",
+                              "tokenizer.codebook_size=64"]).tokenizer
+    vq = evaluate_tokenizer(VQTokenizer(vq, 32).eval(), ShapesDataset(4, seed=5))
+    assert "colour_digits" not in vq  # a VQ code has no digits
 
 
 def test_eval_cli_prints_and_writes_json(tmp_path, capsys):

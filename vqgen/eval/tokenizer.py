@@ -5,7 +5,10 @@ Reported: PSNR of ``decode(encode(x))``; codebook usage (share of codes used), p
 of distinct codes given to flat patches of the most common flat colour (the background: a
 well-behaved tokenizer gives it one code, so the transformer need not learn hundreds of
 synonyms for "nothing here"); on the shapes set, the scene checker's exact-match and
-per-attribute rates on the reconstructions; and, given the FID Inception, ``rfid``: the FID
+per-attribute rates on the reconstructions, and for an FSQ tokenizer ``colour_digits`` and
+``shape_digits``: per digit, the share of an object's colour (shape) entropy it carries over the
+``object_patches`` patches one object alone covers (where an attribute lives in a code's digits,
+which the transformer's digit heads compose); and, given the FID Inception, ``rfid``: the FID
 of the reconstructions against the originals (8-bit images, see ``vqgen.eval.fid``).
 """
 
@@ -16,20 +19,24 @@ import json
 import math
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from einops import rearrange, reduce
 from torch.utils.data import Dataset
 
 from vqgen.checkpoint import EMA_FILE, checkpoint_state, load_state_into, substate
 from vqgen.config import ConfigError, DataConfig, load_config
+from vqgen.data.shapes import SceneObject, render_mask
 from vqgen.data.splits import heldout_dataset
 from vqgen.eval.fid import InceptionFeatures, MetricsError, frechet_distance, inception_features, load_inception
 from vqgen.eval.scene import adherence
 from vqgen.files import atomic_write_text
 from vqgen.images import to_pil
+from vqgen.model.code_head import code_digits
 from vqgen.tokenizer import VQTokenizer, psnr
 
 # a patch is flat when every channel spans at most this much (one 8-bit step is 2/255)
@@ -43,6 +50,48 @@ def _flat_patch_codes(images: torch.Tensor, codes: torch.Tensor, patch: int) -> 
     flat = (spread <= FLAT_TOLERANCE).all(dim=-1)  # [N]
     colours = ((patches[flat, 0] + 1) * 127.5).round().int().tolist()
     return list(zip(map(tuple, colours), codes.flatten()[flat.to(codes.device)].tolist()))
+
+
+def _object_patch_codes(scenes: list, codes: torch.Tensor, patch: int) -> list[tuple[SceneObject, int]]:
+    """(object, code) of every patch that one object of its scene alone covers, in part or whole:
+    ``scenes`` of B images, codes [B, h, w]."""
+    resolution = codes.shape[-1] * patch
+    pairs = []
+    for scene, grid in zip(scenes, codes.tolist()):
+        if not scene:
+            continue
+        masks = np.stack([render_mask(obj, resolution) for obj in scene])  # [objects, H, W] coverage
+        covers = reduce(masks, "o (h p) (w q) -> o h w", "max", p=patch, q=patch) > 0
+        for i, j in zip(*np.nonzero(covers.sum(0) == 1)):
+            pairs.append((scene[int(covers[:, i, j].argmax())], grid[i][j]))
+    return pairs
+
+
+def entropy(counts: Counter) -> float:
+    """Entropy in nats of the distribution that ``counts`` counts."""
+    total = sum(counts.values())
+    return -sum(n / total * math.log(n / total) for n in counts.values() if n)
+
+
+def digit_information(patches: Counter[tuple[str, int]], levels: Sequence[int]) -> list[float]:
+    """Per FSQ digit d, I(attribute; digit_d) / H(attribute) over the patches ``patches`` counts
+    ((attribute value, code) -> patches) -> [k] values in [0, 1]: 1 where digit d alone names
+    the attribute, 0 where it says nothing of it (all 0 when the attribute takes one value)."""
+    values: Counter[str] = Counter()
+    for (value, _), n in patches.items():
+        values[value] += n
+    if len(values) < 2:
+        return [0.0] * len(levels)
+    digits = code_digits(levels).tolist()  # [V][k]
+    shares = []
+    for d in range(len(levels)):
+        joint: Counter[tuple[str, int]] = Counter()
+        digit: Counter[int] = Counter()
+        for (value, code), n in patches.items():
+            joint[value, digits[code][d]] += n
+            digit[digits[code][d]] += n
+        shares.append(max(0.0, (entropy(values) + entropy(digit) - entropy(joint)) / entropy(values)))
+    return shares
 
 
 @torch.no_grad()
@@ -63,6 +112,7 @@ def evaluate_tokenizer(
     flat_codes: dict[tuple[int, ...], set[int]] = defaultdict(set)
     flat_patches: Counter[tuple[int, ...]] = Counter()
     recons, scenes, has_scenes = [], [], True
+    object_codes: list[tuple[SceneObject, int]] = []  # (object, code) of patches one object alone covers
     features: dict[str, list[torch.Tensor]] = {"real": [], "recon": []}  # Inception features, for rFID
     encode_seconds = 0.0
     for start in range(0, len(dataset), batch_size):
@@ -85,6 +135,8 @@ def evaluate_tokenizer(
         if has_scenes:
             recons.append(recon.cpu())
             scenes += [s["scene"] for s in samples]
+            if tokenizer.code_levels is not None:
+                object_codes += _object_patch_codes([s["scene"] for s in samples], codes, tokenizer.cfg.downsample)
     tokenizer.train(was_training)
 
     probs = counts.double() / counts.sum()
@@ -108,6 +160,11 @@ def evaluate_tokenizer(
         scene.pop("n")
         report["exact"] = scene.pop("exact")
         report |= {f"scene_{k}": v for k, v in scene.items()}
+        if tokenizer.code_levels is not None:
+            for attribute in ("colour", "shape"):
+                patches = Counter((getattr(obj, attribute), code) for obj, code in object_codes)
+                report[f"{attribute}_digits"] = digit_information(patches, tokenizer.code_levels)
+            report["object_patches"] = len(object_codes)
     return report
 
 
