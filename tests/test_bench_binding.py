@@ -68,14 +68,15 @@ def test_the_quick_table_trains_every_seed_resumes_and_reuses_what_it_has(tmp_pa
     # the table: each column's mean and spread are those of its seeds' figures
     for variant in variants:
         row = result["table"][variant]
-        for column in COLUMNS:
-            values = [result["runs"][f"{variant}/seed{s}"][column]["exact"] for s in (0, 1)]
+        for column, (name, figure) in COLUMNS.items():
+            values = [result["runs"][f"{variant}/seed{s}"][name][figure] for s in (0, 1)]
             assert row[column]["seeds"] == values
             assert row[column]["mean"] == pytest.approx(statistics.fmean(values))
             assert row[column]["spread"] == pytest.approx(statistics.stdev(values))
         gap = [result["runs"][f"{variant}/seed{s}"] for s in (0, 1)]
         assert all(g["gap_two"]["exact"] == pytest.approx(g["other_two"]["exact"] - g["two"]["exact"]) for g in gap)
-    assert format_table(result).splitlines()[2].split()[0] == "softmax"
+    header, first = format_table(result).splitlines()[1:3]
+    assert header.split() == ["variant", *COLUMNS] and first.split()[0] == "softmax"
 
     again = run_binding_bench(spec)  # nothing new: nothing trained, nothing scored, the same table
     assert again["trained"] == {} and again["measured"] == []
