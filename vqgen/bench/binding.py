@@ -309,7 +309,8 @@ def format_table(result: dict[str, Any]) -> str:
         mean = f"{100 * figure['mean']:+.1f}" if signed else f"{100 * figure['mean']:.1f}"
         return mean + ("" if figure["spread"] is None else f" ± {100 * figure['spread']:.1f}")
 
-    lines = [f"exact match (held-out colour, shape: objects right) % over seeds {', '.join(map(str, result['seeds']))} (mean ± spread across seeds)",
+    seeds = ", ".join(map(str, result["seeds"]))
+    lines = [f"exact match (held-out colour, shape: objects right) % over seeds {seeds} (mean ± spread across seeds)",
              f"{'variant':<20}" + "".join(f"{c:>15}" for c in COLUMNS)]
     for variant, row in result["table"].items():
         lines.append(f"{variant:<20}" + "".join(f"{cell(row[c], c == 'gap_two'):>15}" for c in COLUMNS))
